@@ -1,0 +1,45 @@
+"""One distribution, one import namespace: ``unpg``.
+
+``loaders/`` installs as ``unpg.loaders`` and ``kernels/`` as ``unpg.kernels`` through
+``package_dir``; an editable install (``pip install -e .``) maps them the same way, which is
+why ``PYTHONPATH=.`` alone cannot import ``unpg.loaders``.
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "unpg": "unpg",
+    "unpg.models": "unpg/models",
+    "unpg.data": "unpg/data",
+    "unpg.eval": "unpg/eval",
+    "unpg.tools": "unpg/tools",
+    "unpg.loaders": "loaders",
+    "unpg.kernels": "kernels",
+}
+
+setup(
+    name="unpg",
+    version="0.1.0",
+    description="Face recognition with margin-based softmax losses and Unified Negative Pair Generation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=[
+        # Open lower bound on purpose: the Makefile installs $(TORCH_SPEC) first so that pip
+        # never pulls a multi-GB CUDA build on a CPU machine (and GPU machines keep theirs).
+        "torch>=2.4",
+        "numpy>=1.24",
+        "opencv-python-headless>=4.8",
+        "pyyaml>=6.0",
+        "scikit-learn>=1.3",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "nvidia-dali-cuda120>=1.30; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.5"],
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+    },
+)
