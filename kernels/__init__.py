@@ -15,10 +15,11 @@ from .distributed import (
     sharded_nontarget_lse_and_target,
     sum_across_shards,
 )
-from .function import nontarget_lse, resolve_backend, triton_available
+from .function import nontarget_lse, nontarget_lse_and_target, resolve_backend, triton_available
 from .partial_fc import PartialFC
-from .reference import nontarget_lse_reference, target_cosine
+from .reference import nontarget_lse_reference
 from .sampling import sample_classes
+from .target import target_cosine
 
 __all__ = [
     "PartialFC",
@@ -27,6 +28,7 @@ __all__ = [
     "group_rank_size",
     "lse_across_shards",
     "nontarget_lse",
+    "nontarget_lse_and_target",
     "nontarget_lse_reference",
     "resolve_backend",
     "sample_classes",

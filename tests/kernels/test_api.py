@@ -1,0 +1,69 @@
+"""Public API of unpg.kernels: dispatch, argument errors, target_cosine, import hygiene."""
+# B: batch, C: classes (local shard), D: embedding dim
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from unpg.kernels import nontarget_lse, nontarget_lse_reference, resolve_backend, target_cosine
+
+
+def test_package_imports_without_triton_or_cuda():
+    code = ("import sys, unpg.kernels as k; k.nontarget_lse; "
+            "assert 'triton' not in sys.modules, 'triton imported at package import'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_backend_resolution_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, 4)
+    assert resolve_backend("auto", x) == "chunked"
+    assert resolve_backend("chunked", x) == "chunked"
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_backend("triton", x)
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("cuda", x)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(emb=torch.randn(3, 5)), "dim"),
+    (dict(labels=torch.tensor([0, 1])), "labels"),
+    (dict(labels=torch.tensor([0.0, 1.0, 2.0])), "integer"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_argument_errors_name_the_problem(bad, match):
+    args = dict(emb=torch.randn(3, 4), weight=torch.randn(6, 4), labels=torch.tensor([0, 1, 2]),
+                chunk_size=8)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        nontarget_lse(args["emb"], args["weight"], args["labels"], 10.0,
+                      chunk_size=args["chunk_size"])
+
+
+def test_mixed_dtypes_are_promoted():
+    x = F.normalize(torch.randn(5, 8), dim=1)
+    w = torch.randn(12, 8, dtype=torch.float64)
+    labels = torch.randint(0, 12, (5,))
+    ell = nontarget_lse(x.half(), w, labels, 30.0)
+    assert ell.dtype == torch.float64
+    torch.testing.assert_close(ell, nontarget_lse_reference(x.half().double(), w, labels, 30.0))
+
+
+def test_target_cosine_matches_gather_and_masks_other_shards():
+    x = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=1).requires_grad_()
+    w = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([100, 105, 109, 99, 110, 103])  # shard [100, 110)
+    cos = target_cosine(x, w, labels, class_start=100)
+    inside = (labels >= 100) & (labels < 110)
+    full = x @ F.normalize(w, dim=1).t()
+    expect = torch.where(inside, full[torch.arange(6), (labels - 100).clamp(0, 9)],
+                         torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(cos, expect, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(
+        lambda a, b: target_cosine(a, b, labels, class_start=100), (x, w))
+    # Half inputs give float32.
+    assert target_cosine(x.detach().half(), w.detach().half(), labels, class_start=100).dtype \
+        == torch.float32

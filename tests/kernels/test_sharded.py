@@ -1,0 +1,181 @@
+"""Class-sharded mode: gloo ranks vs one process, sampling, PartialFC's optimizer-state guard."""
+# B: global batch, b: local batch, C: classes, D: embedding dim
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from unpg.kernels import (
+    PartialFC,
+    nontarget_lse,
+    nontarget_lse_and_target,
+    sample_classes,
+    shard_range,
+    sharded_nontarget_lse_and_target,
+    target_cosine,
+)
+
+WORKER = str(Path(__file__).with_name("_sharded_worker.py"))
+LIB = runpy.run_path(WORKER, run_name="sharded_worker_lib")
+C, D = 37, 16
+
+
+def _data(B, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, C, (B,), generator=gen)
+    labels[1] = labels[0]  # a repeated label: its pair is not a UNPG negative
+    weight = torch.randn(C, D, generator=gen, dtype=torch.float64)
+    emb = torch.randn(B, D, generator=gen, dtype=torch.float64) + 2.0 * F.normalize(weight[labels])
+    return emb, weight, labels
+
+
+def _reference(emb, weight, labels, scenario, sampled):
+    """Single-process loss and gradients, restricted to the sampled classes ``sampled``."""
+    emb = emb.clone().requires_grad_()
+    weight = weight.clone().requires_grad_()
+    remapped = torch.searchsorted(sampled, labels)
+    assert torch.equal(sampled[remapped], labels), "a positive class was not sampled"
+    loss = LIB["reference_loss"](emb, weight[sampled], remapped, scenario["head"],
+                                 scenario["wisk"])
+    loss.backward()
+    return loss.detach(), emb.grad, weight.grad
+
+
+@pytest.mark.parametrize("world,b", [(2, 4), (3, 3)])
+def test_gloo_ranks_match_single_process(tmp_path, world, b):
+    emb, weight, labels = _data(world * b, seed=world)
+    in_path = tmp_path / "inputs.pt"
+    torch.save({"emb": emb, "weight": weight, "labels": labels}, in_path)
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = []
+    for rank in range(world):
+        init = dict(RANK=rank, WORLD=world, INIT_FILE=str(tmp_path / "store"),
+                    IN_PATH=str(in_path), OUT_PATH=str(tmp_path / f"rank{rank}.pt"))
+        procs.append(ctx.Process(target=runpy.run_path, args=(WORKER,),
+                                 kwargs=dict(init_globals=init, run_name="__main__")))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    assert [p.exitcode for p in procs] == [0] * world, "a rank failed (see captured stderr)"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+    for name, scenario in LIB["SCENARIOS"].items():
+        sampled = torch.cat([res[name]["sampled"] for res in ranks])
+        loss, emb_grad, w_grad = _reference(emb, weight, labels, scenario, sampled)
+        if scenario["sample_rate"] < 1.0:
+            assert sampled.numel() < C  # really sampled
+        for rank, res in enumerate(ranks):
+            got = res[name]
+            start, num_local = shard_range(C, rank, world)
+            tag = f"{name} rank {rank}"
+            torch.testing.assert_close(got["loss"], loss, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m, tag=tag: f"{tag} loss: {m}")
+            torch.testing.assert_close(got["emb_grad"], emb_grad[rank * b:(rank + 1) * b],
+                                       rtol=1e-9, atol=1e-12,
+                                       msg=lambda m, tag=tag: f"{tag} dX: {m}")
+            torch.testing.assert_close(got["w_grad"], w_grad[start:start + num_local],
+                                       rtol=1e-9, atol=1e-12,
+                                       msg=lambda m, tag=tag: f"{tag} dW: {m}")
+        assert all(bool(res["unequal_rows_raised"]) for res in ranks)
+
+
+def test_world_size_one_equals_unsharded():
+    emb, weight, labels = _data(10, seed=5)
+    emb_hat = F.normalize(emb, dim=1)
+
+    def run(path):
+        x = emb_hat.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        if path == "sharded":
+            ell, cos_t = sharded_nontarget_lse_and_target(x, w, labels, 64.0, process_group=None,
+                                                          backend="chunked", chunk_size=6)
+        elif path == "fused":
+            ell, cos_t = nontarget_lse_and_target(x, w, labels, 64.0, backend="chunked",
+                                                  chunk_size=6)
+        else:  # separate kernel and plain-autograd target cosine
+            ell = nontarget_lse(x, w, labels, 64.0, backend="chunked", chunk_size=6)
+            cos_t = target_cosine(x, w, labels)
+        (ell.sin() + cos_t.cos()).sum().backward()
+        return ell.detach(), cos_t.detach(), x.grad, w.grad
+
+    sharded, fused, separate = run("sharded"), run("fused"), run("separate")
+    for a, b, c in zip(sharded, fused, separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # same code path, bit for bit
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+    # And the assembled loss equals the seed-style reference in one process.
+    for sc in LIB["SCENARIOS"].values():
+        if sc["sample_rate"] < 1.0:
+            continue
+        e = emb.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        loss = LIB["assembled_loss"](
+            e, labels, sc["head"], sc["wisk"], None,
+            lambda h, w=w: sharded_nontarget_lse_and_target(h, w, labels, 64.0, process_group=None,
+                                                            backend="chunked"))
+        loss.backward()
+        ref_loss, ref_de, ref_dw = _reference(emb, weight, labels, sc, torch.arange(C))
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(e.grad, ref_de, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(w.grad, ref_dw, rtol=1e-9, atol=1e-12)
+
+
+def test_shard_range_partitions_classes():
+    for num_classes, world in [(37, 3), (10, 4), (3, 5), (85742, 8)]:
+        ranges = [shard_range(num_classes, r, world) for r in range(world)]
+        assert sum(n for _, n in ranges) == num_classes
+        assert all(ranges[r][0] + ranges[r][1] == ranges[r + 1][0] for r in range(world - 1))
+        assert max(n for _, n in ranges) - min(n for _, n in ranges) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        shard_range(10, 3, 3)
+
+
+def test_sample_classes_keeps_positives_and_is_deterministic():
+    labels = torch.tensor([3, 40, 41, 3, 59, 7])  # shard [20, 60): positives 40, 41, 59
+    runs = [sample_classes(labels, 20, 40, 0.25, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    (idx, local), (idx2, _), (idx3, _) = runs
+    assert idx.numel() == 10 and torch.equal(idx, idx.sort().values)
+    assert {20, 21, 39} <= set(idx.tolist())
+    assert torch.equal(idx, idx2) and not torch.equal(idx, idx3)
+    in_shard = (labels >= 20) & (labels < 60)
+    assert torch.equal(local[~in_shard], torch.full_like(local[~in_shard], -1))
+    assert torch.equal(idx[local[in_shard]] + 20, labels[in_shard])
+    # More positives than int(rate * C): keep exactly the positives.
+    idx_few, _ = sample_classes(labels, 20, 40, 0.05, torch.Generator().manual_seed(1))
+    assert idx_few.tolist() == [20, 21, 39]
+    with pytest.raises(ValueError, match="sample_rate"):
+        sample_classes(labels, 0, 10, 1.5)
+
+
+def test_partial_fc_step_moves_only_sampled_rows():
+    torch.manual_seed(0)
+    pfc = PartialFC(8, 30, sample_rate=0.3)
+    assert pfc.weight.shape == (30, 8) and 0.005 < pfc.weight.std().item() < 0.02
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(3)
+    emb_hat = F.normalize(torch.randn(6, 8), dim=1)
+    labels = torch.tensor([1, 2, 2, 5, 9, 28])
+    for step in range(3):
+        ell, cos_t = pfc(emb_hat, labels, 64.0, generator=gen)
+        opt.zero_grad()
+        (ell - 64.0 * cos_t).mean().backward()
+        mask = pfc.sampled_rows_mask()
+        assert mask.sum().item() == 9 and mask[[1, 2, 5, 9, 28]].all()
+        assert torch.equal(pfc.weight.grad[~mask], torch.zeros_like(pfc.weight.grad[~mask]))
+        w_before = pfc.weight.detach().clone()
+        buf = opt.state.get(pfc.weight, {}).get("momentum_buffer")
+        buf_before = buf.clone() if buf is not None else torch.zeros_like(w_before)
+        with pfc.keep_unsampled_rows(opt):
+            opt.step()
+        buf_after = opt.state[pfc.weight]["momentum_buffer"]
+        assert torch.equal(pfc.weight[~mask], w_before[~mask]), step
+        assert torch.equal(buf_after[~mask], buf_before[~mask]), step
+        # Sampled rows took a plain SGD momentum step.
+        d_p = pfc.weight.grad + 5e-4 * w_before
+        expect_buf = d_p if step == 0 else 0.9 * buf_before + d_p
+        torch.testing.assert_close(buf_after[mask], expect_buf[mask])
+        torch.testing.assert_close(pfc.weight.detach()[mask], (w_before - 0.1 * expect_buf)[mask])
