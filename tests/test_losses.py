@@ -281,9 +281,8 @@ ARC = HEADS["arcface"]
         ((EMB, LAB, W, "arcface"), dict(ARC, unpg_wisk=-1.0), "wisk must be >= 0"),
         ((EMB, LAB, W, "arcface"), dict(ARC, unpg_wisk=math.inf), "wisk must be a finite number"),
         ((EMB, LAB, W, "arcface"), dict(ARC, backend="cuda"), "unknown backend 'cuda'"),
-        ((EMB, LAB, W, "arcface"), dict(ARC, backend="chunked"), "provided by unpg.kernels"),
-        ((EMB, LAB, W, "arcface"), dict(ARC, backend="triton"), "backend='triton' is provided by unpg.kernels"),
-        ((EMB, LAB, W, "arcface"), dict(ARC, process_group=object()), "process_group is provided by unpg.kernels"),
+        ((EMB, LAB, W, "arcface"), dict(ARC, backend="triton"), "needs CUDA tensors"),
+        ((EMB, LAB, W, "arcface"), dict(ARC, process_group=object(), negatives_group=object()), "not both"),
         ((EMB, LAB, W, build_head("arcface", **ARC)), dict(m=0.1), "prebuilt head"),
     ],
 )

@@ -1,11 +1,11 @@
 """Margin-softmax loss (ArcFace / CosFace / MagFace / combined) with optional UNPG negatives.
 
 The loss is written as the decomposition the fused kernels use, so that a backend only replaces
-``_nontarget_lse``:
+``_lse_and_target`` (the B×C work; ``unpg.kernels`` for every backend but the reference):
 
     emb_hat = normalize(emb);  cos_t_B = emb_hat_i · normalize(weight[y_i])
     psi_B   = head.target_logit(cos_t_B, ‖emb‖)                   (length-B, torch)
-    ell_B   = log Σ_{j≠y_i} exp(s·cos_ij)                          (_nontarget_lse: the B×C work)
+    ell_B   = log Σ_{j≠y_i} exp(s·cos_ij)                          (_lse_and_target: the B×C work)
     U       = logsumexp(s·S')  (UNPG kept negatives, shared by every row; −inf when off/empty)
     loss    = mean_i(logsumexp([ell_i, s·psi_i, U]) − s·psi_i) + head.regularizer(‖emb‖)
 
@@ -41,25 +41,37 @@ def _nontarget_lse_torch(
     return torch.logsumexp(logits_BC.masked_fill(target_BC, -math.inf), dim=1)
 
 
-def _nontarget_lse(
+def _lse_and_target(
     emb_hat_BD: torch.Tensor,
     weight_CD: torch.Tensor,
     labels_B: torch.Tensor,
     s: float,
     backend: str,
     process_group: Optional[Any],
-) -> torch.Tensor:
-    """``ell_B = log Σ_{j≠y_i} exp(s·x̂_i·ŵ_j)``, differentiable wrt ``emb_hat_BD`` and ``weight_CD``.
+    chunk_size: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(ell_B, cos_t_B)``: the non-target log-sum-exp ``log Σ_{j≠y_i} exp(s·x̂_i·ŵ_j)`` and
+    the target cosine ``x̂_i·ŵ_{y_i}``, differentiable wrt ``emb_hat_BD`` and ``weight_CD``.
 
-    ``weight_CD`` is the *unnormalised* class-centre matrix (rows are L2-normalised here, as
-    ``F.normalize`` does); ``labels_B`` are int64 in ``[0, C)``. The single backend dispatch point.
+    The single backend dispatch point. ``'torch'`` is the plain reference (it stores the B×C
+    logits); every other backend goes to ``unpg.kernels``, which never stores them and returns
+    both vectors from one autograd node (so the weight gets one gradient buffer, not two).
+    With ``process_group`` the weight is this rank's class shard and ``emb_hat_BD``/``labels_B``
+    are the global batch; ``unpg.kernels`` combines the shards' results.
     """
-    if process_group is None and backend in ("auto", "torch"):
-        return _nontarget_lse_torch(emb_hat_BD, weight_CD, labels_B, s)
-    what = f"backend={backend!r}" if process_group is None else "a class-sharded process_group"
-    raise ValueError(
-        f"margin_softmax_loss: {what} is provided by unpg.kernels and is not wired into "
-        "unpg.losses; use backend='torch' (or 'auto') with process_group=None"
+    if backend == "torch" and process_group is None:
+        cos_t_B = (emb_hat_BD * F.normalize(weight_CD.index_select(0, labels_B), dim=1)).sum(1)
+        return _nontarget_lse_torch(emb_hat_BD, weight_CD, labels_B, s), cos_t_B
+    from unpg.kernels import nontarget_lse_and_target, sharded_nontarget_lse_and_target
+
+    kernel_backend = "chunked" if backend == "torch" else backend
+    if process_group is None:
+        return nontarget_lse_and_target(
+            emb_hat_BD, weight_CD, labels_B, s, backend=kernel_backend, chunk_size=chunk_size
+        )
+    return sharded_nontarget_lse_and_target(
+        emb_hat_BD, weight_CD, labels_B, s, process_group=process_group,
+        backend=kernel_backend, chunk_size=chunk_size,
     )
 
 
@@ -124,6 +136,22 @@ def _compute_dtype(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.dtyp
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _gather_negatives(
+    emb_hat_BD: torch.Tensor, labels_B: torch.Tensor, group: Optional[Any]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The global batch for UNPG under replicated data parallelism: all-gather over ``group``
+    whose backward SUMS every rank's gradient into each rank's rows, so that ``mean_k loss_k``
+    has the single-process gradient (convention in ``unpg.distributed``). ``None``: local batch."""
+    if group is None:
+        return emb_hat_BD, labels_B
+    from unpg.kernels import all_gather_rows, copy_to_shards
+
+    # all_gather_rows keeps its own slice of the gradient; copy_to_shards first sums the
+    # gathered gradient over ranks: together, rank r gets sum_k d loss_k / d rows_r.
+    emb_hat_global = copy_to_shards(all_gather_rows(emb_hat_BD, group), group)
+    return emb_hat_global, all_gather_rows(labels_B, group)
+
+
 def margin_softmax_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -133,8 +161,10 @@ def margin_softmax_loss(
     unpg_wisk: Optional[float] = None,
     backend: str = "auto",
     process_group: Optional[Any] = None,
+    negatives_group: Optional[Any] = None,
     return_stats: bool = False,
     validate: bool = True,
+    chunk_size: int = 8192,
     **head_params: Any,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
     """Batch-mean margin-softmax loss, with UNPG negatives when ``unpg_wisk`` is not None.
@@ -147,11 +177,19 @@ def margin_softmax_loss(
             (+ ``arcface_grad``) | ``s, l_margin, u_margin, l_a, u_a, lambda_g`` |
             ``s, m1, m2, m3``) or a prebuilt ``MarginHead`` (then no ``head_params``).
         unpg_wisk: whisker factor of UNPG's box-and-whisker filter; None disables UNPG.
-        backend: ``'auto'`` (= ``'torch'`` for now), ``'torch'``, ``'chunked'``, ``'triton'``.
-        process_group: class-sharded mode (provided by ``unpg.kernels``).
+        backend: ``'auto'`` (Triton on CUDA, chunked elsewhere), ``'triton'``, ``'chunked'``
+            (memory-lean pure torch), or ``'torch'`` (the plain reference that stores the
+            B×C logits; the test oracle).
+        process_group: class-sharded mode (partial FC): ``embeddings``/``labels`` are this
+            rank's local batch and ``weight`` its class shard ``unpg.kernels.shard_range``;
+            the loss is the global-batch mean and each rank's gradients are the matching
+            slices of the single-process gradients.
+        negatives_group: replicated data parallelism: UNPG's negatives come from the batch
+            all-gathered over this group (summing backward); everything else stays local.
         return_stats: also return the UNPG statistics (empty dict when UNPG is off).
         validate: check label range and finiteness of the embeddings. This costs one host sync
             per call; the training hot path passes False. Shape/dtype checks are always done.
+        chunk_size: classes per chunk of the ``'chunked'`` backend.
 
     Float32 and float64 inputs are computed in their dtype; fp16/bf16 are upcast to float32.
     """
@@ -166,29 +204,78 @@ def margin_softmax_loss(
     else:
         head_obj = build_head(head, **head_params)
     wisk = None if unpg_wisk is None else check_wisk(unpg_wisk)
+    if process_group is not None and negatives_group is not None:
+        raise ValueError(
+            "pass process_group (class-sharded: the loss runs on the global batch, so UNPG "
+            "already sees every rank's negatives) or negatives_group (replicated), not both"
+        )
     if validate:
-        _check_values(embeddings, labels, weight.shape[0])
+        _check_values(embeddings, labels, _global_num_classes(weight, process_group))
 
     dtype = _compute_dtype(embeddings, weight)
     emb_BD, weight_CD = embeddings.to(dtype), weight.to(dtype)
     labels_B = labels.long()
-    s = head_obj.s
+    if process_group is not None:
+        # Class-sharded: every rank computes the global-batch loss redundantly; the gather's
+        # backward keeps this rank's slice (convention in unpg.kernels.distributed).
+        from unpg.kernels import all_gather_rows
+
+        emb_BD = all_gather_rows(emb_BD, process_group)
+        labels_B = all_gather_rows(labels_B, process_group)
 
     norm_B = torch.linalg.vector_norm(emb_BD, dim=1)
     emb_hat_BD = F.normalize(emb_BD, dim=1)
-    cos_t_B = (emb_hat_BD * F.normalize(weight_CD.index_select(0, labels_B), dim=1)).sum(dim=1)
-    psi_B = head_obj.target_logit(cos_t_B, norm_B)
-    ell_B = _nontarget_lse(emb_hat_BD, weight_CD, labels_B, s, backend, process_group)
+    ell_B, cos_t_B = _lse_and_target(
+        emb_hat_BD, weight_CD, labels_B, head_obj.s, backend,
+        process_group, chunk_size,
+    )
+    loss, stats = assemble_loss(
+        ell_B, cos_t_B, norm_B, emb_hat_BD, labels_B, head_obj, wisk,
+        negatives_group=negatives_group,
+    )
+    return (loss, stats) if return_stats else loss
 
-    if wisk is None:
+
+def assemble_loss(
+    ell_B: torch.Tensor,
+    cos_t_B: torch.Tensor,
+    norm_B: torch.Tensor,
+    emb_hat_BD: torch.Tensor,
+    labels_B: torch.Tensor,
+    head: MarginHead,
+    unpg_wisk: Optional[float],
+    *,
+    negatives_group: Optional[Any] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Everything after the B×C work, on length-B vectors with ordinary autograd:
+    ``mean_i(logsumexp([ell_i, s·psi_i, U]) − s·psi_i) + regulariser`` and the UNPG stats.
+
+    Shared by ``margin_softmax_loss`` and callers that produce ``(ell_B, cos_t_B)`` themselves
+    (``unpg.kernels.PartialFC`` with class sampling)."""
+    s = head.s
+    psi_B = head.target_logit(cos_t_B, norm_B)
+    if unpg_wisk is None:
         stats: Dict[str, torch.Tensor] = {}
         lse_B = torch.logaddexp(ell_B, s * psi_B)
     else:
-        u, stats = unpg_logsumexp(emb_hat_BD, labels_B, s, wisk)
+        u, stats = unpg_logsumexp(
+            *_gather_negatives(emb_hat_BD, labels_B, negatives_group), s, unpg_wisk
+        )
         # U = −inf (nothing kept) gets weight exp(−inf − lse) = 0 here: finite gradients.
         lse_B = torch.logsumexp(torch.stack([ell_B, s * psi_B, u.expand_as(ell_B)], dim=1), dim=1)
-    loss = (lse_B - s * psi_B).mean() + head_obj.regularizer(norm_B)
-    return (loss, stats) if return_stats else loss
+    loss = (lse_B - s * psi_B).mean() + head.regularizer(norm_B)
+    return loss, stats
+
+
+def _global_num_classes(weight: torch.Tensor, process_group: Optional[Any]) -> int:
+    """Number of classes over all shards (one all_reduce; only on the validating path)."""
+    if process_group is None:
+        return weight.shape[0]
+    import torch.distributed as dist
+
+    count = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
+    dist.all_reduce(count, group=process_group)
+    return int(count.item())
 
 
 class MarginSoftmaxLoss(nn.Module):
