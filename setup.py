@@ -33,13 +33,17 @@ setup(
         "opencv-python-headless>=4.8",
         "pyyaml>=6.0",
         "scikit-learn>=1.3",
+        "scipy>=1.10",  # sparse segment sums for IJB template aggregation
         "tqdm>=4.60",
         "tensorboard>=2.14",
         "nvidia-dali-cuda120>=1.30; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        # onnx/onnxruntime/matplotlib are optional at run time; dev installs them so that the
+        # ONNX export check and the ROC plots are tested too.
+        "dev": ["pytest>=8", "ruff>=0.5", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7"],
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "plot": ["matplotlib>=3.7"],
     },
 )
