@@ -42,8 +42,13 @@ setup(
     extras_require={
         # onnx/onnxruntime/matplotlib are optional at run time; dev installs them so that the
         # ONNX export check and the ROC plots are tested too.
-        "dev": ["pytest>=8", "ruff>=0.5", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7"],
+        "dev": [
+            "pytest>=8", "ruff>=0.5", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7",
+            "simplejpeg>=1.7",
+        ],
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         "plot": ["matplotlib>=3.7"],
+        # simplejpeg: a strict decoder that also catches JPEGs damaged inside the entropy data.
+        "jpeg": ["simplejpeg>=1.7"],
     },
 )

@@ -1,0 +1,254 @@
+"""Image decoding into preallocated uint8 ``[3, H, W]`` (planar RGB) buffers, shared by every loader.
+
+CPU decoders (``cv2``, ``simplejpeg``) release the GIL while decoding, so a thread pool scales
+over cores; they are thread-safe (simplejpeg keeps one scratch buffer per thread). ``nvjpeg``
+decodes a whole batch on the GPU via ``torchvision.io.decode_jpeg(device='cuda')`` (imported only
+when chosen).
+
+A sample that cannot be decoded raises ``DecodeError`` with the reason; the loaders turn it into
+a skip or an error naming file and key (``unpg.loaders.corrupt``). Before decoding, a structural
+check (``check_jpeg``: header segments up to the scan, end-of-image marker) catches non-JPEG
+bytes, broken headers and truncation: libjpeg "recovers" from a truncated file with a grey bottom
+part and only a warning. Damage inside the entropy-coded data is different: libjpeg also reports
+it only as a warning, which ``simplejpeg`` (``strict=True``) turns into an error but OpenCV cannot
+report at all, so with ``cv2`` such an image decodes with artefacts (as it does in MXNet and
+insightface's arcface_torch).
+
+Legend: C channels (3, RGB), H height, W width.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+DECODERS = ("cv2", "simplejpeg", "nvjpeg")
+Decoder = Callable[[np.ndarray, np.ndarray], None]
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_EOI_TAIL = 64  # EOI must lie this close to the end (some writers pad a few bytes after it)
+
+
+class DecodeError(ValueError):
+    """One sample could not be decoded into the expected image; the message says why."""
+
+
+def _walk_header(buf) -> Tuple[int, int, int]:
+    """(height, width, components) after checking the marker segments from SOI to the first SOS:
+    each segment must start with 0xFF, stay inside the data, and a frame header (SOF) must come
+    before the scan. Raises ``DecodeError`` saying what is wrong."""
+    b = memoryview(buf).cast("B")
+    n = len(b)
+    if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
+        raise DecodeError(f"not a JPEG (starts with {bytes(b[:4]).hex()!r}, expected ffd8)")
+    pos, frame = 2, None
+    while True:
+        if pos + 4 > n:
+            raise DecodeError(f"header segments run past the end ({n} bytes) before the scan")
+        if b[pos] != 0xFF:
+            raise DecodeError(f"corrupt header: byte 0x{b[pos]:02x} at offset {pos} where a "
+                              f"marker should start")
+        marker = b[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
+            pos += 2
+            continue
+        if marker in (0xD8, 0xD9, 0x00):
+            raise DecodeError(f"corrupt header: marker 0xff{marker:02x} at offset {pos} before the scan")
+        (length,) = struct.unpack_from(">H", b, pos + 2)
+        if length < 2 or pos + 2 + length > n:
+            raise DecodeError(f"corrupt header: segment 0xff{marker:02x} at offset {pos} has "
+                              f"length {length} in {n} bytes")
+        if marker in _SOF:
+            if length < 8:
+                raise DecodeError(f"corrupt frame header at offset {pos}")
+            h, w = struct.unpack_from(">HH", b, pos + 5)
+            frame = (h, w, b[pos + 9])
+        if marker == 0xDA:
+            if frame is None:
+                raise DecodeError("JPEG scan without a frame header (SOF)")
+            return frame
+        pos += 2 + length
+
+
+def jpeg_header(buf) -> Optional[Tuple[int, int, int]]:
+    """(height, width, components) from a JPEG's frame header, or None when the header segments
+    are not a valid JPEG. Reads only the headers (no decoding)."""
+    try:
+        return _walk_header(buf)
+    except DecodeError:
+        return None
+
+
+def check_jpeg(buf) -> None:
+    """Structural check before decoding: valid header segments up to the scan, and an EOI marker
+    at the end (truncation). Raises ``DecodeError``."""
+    _walk_header(buf)
+    b = memoryview(buf).cast("B")
+    if bytes(b[-_EOI_TAIL:]).rfind(b"\xff\xd9") < 0:
+        raise DecodeError(f"truncated JPEG: no end-of-image marker in the last {_EOI_TAIL} "
+                          f"bytes of {len(b)}")
+
+
+def _check_shape(img: Optional[np.ndarray], out_CHW: np.ndarray, what: str) -> np.ndarray:
+    if img is None:
+        raise DecodeError(f"{what} could not decode it")
+    want = (out_CHW.shape[1], out_CHW.shape[2], 3)
+    if img.shape != want:
+        raise DecodeError(f"decoded to {'x'.join(map(str, img.shape))}, expected "
+                          f"{'x'.join(map(str, want))} (images must be aligned crops of "
+                          f"data.image_size)")
+    return img
+
+
+def _cv2_decoder() -> Decoder:
+    import cv2
+
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
+
+    def decode(buf: np.ndarray, out_CHW: np.ndarray) -> None:
+        check_jpeg(buf)
+        if rgb_flag is not None:
+            img = _check_shape(cv2.imdecode(buf, rgb_flag), out_CHW, "cv2.imdecode")
+            cv2.split(img, [out_CHW[0], out_CHW[1], out_CHW[2]])
+        else:  # BGR: the split reverses the channels for free
+            img = _check_shape(cv2.imdecode(buf, cv2.IMREAD_COLOR), out_CHW, "cv2.imdecode")
+            cv2.split(img, [out_CHW[2], out_CHW[1], out_CHW[0]])
+
+    return decode
+
+
+def _simplejpeg_decoder() -> Decoder:
+    try:
+        import simplejpeg
+    except ImportError as e:
+        raise ImportError("loader.decoder=simplejpeg needs the simplejpeg package: "
+                          "pip install simplejpeg (or use loader.decoder=cv2)") from e
+    import cv2
+
+    scratch = threading.local()  # one interleaved HWC buffer per decoding thread
+
+    def decode(buf: np.ndarray, out_CHW: np.ndarray) -> None:
+        check_jpeg(buf)
+        shape = (out_CHW.shape[1], out_CHW.shape[2], 3)
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(buf)
+            if (h, w, 3) != shape:
+                _check_shape(np.empty((h, w, 3), np.uint8), out_CHW, "simplejpeg")
+            hwc = getattr(scratch, "hwc", None)
+            if hwc is None or hwc.shape != shape:
+                hwc = scratch.hwc = np.empty(shape, np.uint8)
+            # strict=True turns libjpeg's corrupt-data warnings into errors.
+            simplejpeg.decode_jpeg(buf, colorspace="RGB", buffer=hwc, strict=True)
+        except ValueError as e:
+            if isinstance(e, DecodeError):
+                raise
+            raise DecodeError(f"simplejpeg: {e}") from None
+        cv2.split(hwc, [out_CHW[0], out_CHW[1], out_CHW[2]])
+
+    return decode
+
+
+def cpu_decoder(name: str) -> Decoder:
+    """``decode(buf uint8 [n], out uint8 [3, H, W])`` for ``loader.decoder`` ``cv2|simplejpeg``.
+
+    Output is planar RGB (CHW): the decoders' own output copy does the HWC -> CHW transpose
+    (``cv2.split``, ~3 us/image) so the device step needs no layout change (a torch permute of a
+    uint8 batch costs ~10 us/image on the CPU)."""
+    if name == "cv2":
+        return _cv2_decoder()
+    if name == "simplejpeg":
+        return _simplejpeg_decoder()
+    if name == "nvjpeg":
+        raise ValueError("loader.decoder=nvjpeg decodes whole batches on the GPU; it is not a "
+                         "per-sample CPU decoder (use cv2 or simplejpeg here)")
+    raise ValueError(f"loader.decoder must be one of {DECODERS}, got {name!r}")
+
+
+def strict_cpu_decoder() -> Decoder:
+    """For verification: ``simplejpeg`` when installed (it reports libjpeg's corrupt-data warnings
+    as errors, as DALI's decoder does), else ``cv2``."""
+    try:
+        return _simplejpeg_decoder()
+    except ImportError:
+        return _cv2_decoder()
+
+
+def decode_raw(buf: np.ndarray, out_CHW: np.ndarray) -> None:
+    """Raw planar RGB pixels stored by ``pack --raw`` (``[3, H, W]``): a copy after a size check."""
+    if buf.size != out_CHW.size:
+        raise DecodeError(f"raw sample of {buf.size} bytes, expected {out_CHW.size} "
+                          f"({'x'.join(map(str, out_CHW.shape))})")
+    np.copyto(out_CHW, buf.reshape(out_CHW.shape))
+
+
+def require_nvjpeg():
+    """``(torchvision.io.decode_jpeg, ImageReadMode.RGB)``; ImportError saying what to install."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception as e:
+        raise ImportError("loader.decoder=nvjpeg needs torchvision with GPU JPEG decoding "
+                          "(torchvision.io.decode_jpeg(device='cuda')); install torchvision "
+                          "matching your torch, or use loader.decoder=cv2") from e
+    return decode_jpeg, ImageReadMode.RGB
+
+
+def _check_for_nvjpeg(buf: np.ndarray, shape_hw: Tuple[int, int]) -> None:
+    check_jpeg(buf)
+    hdr = jpeg_header(buf)
+    if hdr[:2] != tuple(shape_hw):
+        raise DecodeError(f"JPEG of {hdr[0]}x{hdr[1]}, expected {shape_hw[0]}x{shape_hw[1]} "
+                          f"(images must be aligned crops of data.image_size)")
+
+
+def nvjpeg_decode_one(buf: np.ndarray, shape_hw: Tuple[int, int], device):
+    """uint8 ``[3, H, W]`` on ``device`` for one JPEG; ``DecodeError`` when it does not decode."""
+    import torch
+
+    decode_jpeg, rgb = require_nvjpeg()
+    _check_for_nvjpeg(buf, shape_hw)
+    try:
+        return decode_jpeg(torch.from_numpy(np.asarray(buf)), mode=rgb, device=torch.device(device))
+    except RuntimeError as e:
+        raise DecodeError(f"nvjpeg: {e}") from None
+
+
+def nvjpeg_decode_batch(bufs: Sequence[np.ndarray], shape_hw: Tuple[int, int], device):
+    """``(batch uint8 [N, 3, H, W] on device, failed)``: one batched nvJPEG call.
+
+    ``failed`` lists ``(i, reason)`` of samples that did not decode; their rows are left zero and
+    the caller replaces them or raises (never uses them).
+    """
+    import torch
+
+    decode_jpeg, rgb = require_nvjpeg()
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"loader.decoder=nvjpeg decodes on a CUDA device, got device {dev}; "
+                         f"use loader.decoder=cv2 on the CPU")
+    h, w = shape_hw
+    out = torch.zeros((len(bufs), 3, h, w), dtype=torch.uint8, device=dev)
+    failed: List[Tuple[int, str]] = []
+    good = []
+    for i, b in enumerate(bufs):
+        try:
+            _check_for_nvjpeg(b, shape_hw)
+            good.append(i)
+        except DecodeError as e:
+            failed.append((i, str(e)))
+    tensors = [torch.from_numpy(np.asarray(bufs[i])) for i in good]
+    try:
+        images = decode_jpeg(tensors, mode=rgb, device=dev) if tensors else []
+        for i, img in zip(good, images):
+            out[i] = img
+    except RuntimeError:
+        # One bad sample fails the whole batched call: find it by decoding one at a time.
+        for i in good:
+            try:
+                out[i] = nvjpeg_decode_one(bufs[i], shape_hw, dev)
+            except DecodeError as e:
+                failed.append((i, str(e)))
+    return out, failed

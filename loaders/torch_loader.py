@@ -1,0 +1,160 @@
+"""torch fallback loader: a ``DataLoader`` over the insightface rec itself (no preparation step).
+
+A map-style ``RecDataset`` reads records by key through ``FaceRecIndex``'s memory map (forked or
+pickled into workers, it re-maps lazily; the page cache is shared) and decodes with the same
+decoder functions as the ffcv loader into one uint8 ``[B, 3, H, W]`` array per batch
+(``__getitems__``: the whole batch in one call). ``_PlanSampler`` yields this rank's indices of
+the shared ``epoch_plan``; the main process applies the plan's flips and the normalisation on the
+device (``base.to_device_normalized``). Worker exceptions (``on_corrupt: error``) propagate
+through the ``DataLoader`` to the training loop.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from unpg.recordio import FaceRecIndex
+
+from .base import (
+    BaseLoader,
+    check_num_classes,
+    epoch_plan,
+    quasi_window_pages,
+    to_device_normalized,
+)
+from .corrupt import CorruptLog, Skipped, decode_or_replace
+from .decode import DecodeError, cpu_decoder
+
+REC_PAGE_SIZE = 1 << 20  # quasi_random over a rec: records grouped by 1 MiB of file offset
+
+
+class RecDataset(Dataset):
+    """Sample ``i`` = ``i``-th image of an insightface rec, decoded to uint8 ``[3, H, W]`` RGB."""
+
+    def __init__(self, rec_dir: str, decoder: str, image_size: int, on_corrupt: str):
+        self.rec_dir, self.decoder, self.on_corrupt = str(rec_dir), decoder, on_corrupt
+        self.shape = (3, image_size, image_size)
+        self.index = FaceRecIndex.open(rec_dir)
+        self.source = self.index.rec.rec_path
+        cpu_decoder(decoder)  # validate the name / optional package now, in the main process
+        self._decode = None  # built lazily in each worker (closures do not pickle)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _key_of(self, j: int) -> int:
+        return int(self.index.image_keys[j])
+
+    def _decode_into(self, j: int, out: np.ndarray) -> int:
+        if self._decode is None:
+            self._decode = cpu_decoder(self.decoder)
+        label, jpeg = self.index.read_image(j)  # RecordIOError (broken file) always raises
+        self._decode(np.frombuffer(jpeg, np.uint8), out)
+        return label
+
+    def _fill(self, indices: Sequence[int], out: np.ndarray, labels: np.ndarray) -> List[Skipped]:
+        skipped: List[Skipped] = []
+        n = len(self)
+        for k, i in enumerate(indices):
+            try:
+                labels[k] = self._decode_into(i, out[k])
+            except DecodeError:
+                got = {}
+
+                def decode_at(j, row=out[k], got=got):
+                    got["label"] = self._decode_into(j, row)
+
+                _, sk = decode_or_replace(i, n, decode_at, self._key_of, self.on_corrupt,
+                                          self.source)
+                labels[k] = got["label"]
+                skipped += sk
+        return skipped
+
+    def __getitems__(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, list]:
+        images = torch.empty((len(indices),) + self.shape, dtype=torch.uint8)
+        labels = torch.empty(len(indices), dtype=torch.int64)
+        skipped = self._fill([int(i) for i in indices], images.numpy(), labels.numpy())
+        return images, labels, skipped
+
+    def __getitem__(self, i: int) -> Tuple[np.ndarray, int, list]:
+        out, labels = np.empty(self.shape, np.uint8)[None], np.empty(1, np.int64)
+        skipped = self._fill([int(i)], out, labels)
+        return out[0], int(labels[0]), skipped
+
+
+def _batch_as_is(batch):
+    return batch  # __getitems__ already returns the collated (uint8 NCHW, int64, skipped) batch
+
+
+class _PlanSampler(Sampler):
+    """Yields the indices of the plan set by the loader before each epoch's iteration."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.indices = np.zeros(0, np.int64)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices.tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class TorchLoader(BaseLoader):
+    """``(images float32 [B, 3, H, W], labels int64 [B])`` on ``device`` via torch's DataLoader."""
+
+    def __init__(self, cfg, rank: int, world_size: int, device, train: bool = True):
+        super().__init__(cfg, rank, world_size, device, train)
+        if not cfg.data.rec:
+            raise ValueError("loader.name=torch needs data.rec: the folder with train.rec, "
+                             "train.idx and property")
+        if cfg.loader.decoder == "nvjpeg":
+            raise ValueError("loader.decoder=nvjpeg is supported by loader.name=ffcv (batched GPU "
+                             "decode); the torch loader decodes in CPU workers: use cv2 or "
+                             "simplejpeg")
+        self.dataset = RecDataset(cfg.data.rec, cfg.loader.decoder, self.image_size,
+                                  self.on_corrupt)
+        index = self.dataset.index
+        self.source = self.dataset.source
+        if index.image_size is not None and index.image_size != (self.image_size,) * 2:
+            raise ValueError(f"{cfg.data.rec}/property says {index.image_size[0]}x"
+                             f"{index.image_size[1]} images but data.image_size={self.image_size}")
+        check_num_classes(cfg.data.num_classes, index.num_classes, self.source)
+        self.num_samples, self.num_classes = len(index), index.num_classes
+        self._check_enough(self.source)
+        self.corrupt = CorruptLog(self.source)
+        self._sampler = _PlanSampler(len(self) * self.batch_size)
+        workers = cfg.loader.workers
+        self._dl = DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self._sampler, drop_last=True,
+            num_workers=workers, collate_fn=_batch_as_is,
+            pin_memory=self.device.type == "cuda" and cfg.loader.pin_memory,
+            persistent_workers=workers > 0,
+            prefetch_factor=cfg.loader.batches_ahead if workers > 0 else None)
+
+    def _page_of(self) -> np.ndarray:
+        rec = self.dataset.index.rec
+        return rec.offsets[rec.positions(self.dataset.index.image_keys)] // REC_PAGE_SIZE
+
+    def plan(self):
+        """This rank's ``EpochPlan`` for the current epoch."""
+        quasi = self.cfg.loader.order == "quasi_random"
+        page_of = self._page_of() if quasi else None
+        window = quasi_window_pages(self.num_samples / (np.unique(page_of).size if quasi else 1),
+                                    self.batch_size * self.world_size)
+        return epoch_plan(self.num_samples, self.seed, self.epoch, self.rank, self.world_size,
+                          self.batch_size, order=self.cfg.loader.order, page_of=page_of,
+                          window_pages=window, train=self.train)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        plan = self.plan()
+        self._sampler.indices = plan.indices  # read when the DataLoader iterator starts
+        for step, (images, labels, skipped) in enumerate(self._dl):
+            self.corrupt.record(skipped)
+            flips = torch.from_numpy(plan.batch(step)[1]) if self.train else None
+            yield (to_device_normalized(images, flips, self.mean, self.std, self.device,
+                                        layout="NCHW"),
+                   labels.to(self.device, non_blocking=True))
