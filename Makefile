@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint clean
+.PHONY: install test lint clean gpu-wheels demo
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,18 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# Synthetic faces -> ArcFace + UNPG on the CPU -> 10-fold verification on held-out identities.
+demo: $(VENV)/.installed
+	$(PY) -m unpg.demo
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Wheels of pytest for bench/gpu_check.sh on a lent GPU machine, which has no network and no
+# pytest: carry the .gpu_wheels folder with the device tool.
+gpu-wheels: $(VENV)/.installed
+	rm -rf .gpu_wheels
+	$(PY) -m pip download -q --only-binary=:all: -d .gpu_wheels pytest

@@ -351,6 +351,12 @@ def _bench_data_side(args, paths, rates: Dict[str, float]) -> None:
             rates["loader/ffcv_simplejpeg"] = bench_loader(args, paths, "ffcv", "simplejpeg")
         except ImportError as e:
             print(f"loader/ffcv_simplejpeg: skipped ({e})")
+        if args.device.startswith("cuda"):
+            # Batched nvJPEG decode on the GPU (torchvision.io.decode_jpeg, device='cuda').
+            try:
+                rates["loader/ffcv_nvjpeg"] = bench_loader(args, paths, "ffcv", "nvjpeg")
+            except ImportError as e:
+                print(f"loader/ffcv_nvjpeg: skipped ({e})")
     if "dali" not in args.skip:
         try:
             rates["loader/dali"] = bench_loader(args, paths, "dali")
