@@ -332,7 +332,7 @@ class TrainConfig(_Section):
     _section = "train"
     batch_size: int = _field(512, ge=1)  # GLOBAL batch over all ranks
     seed: int = _field(42, ge=0, lt=2**32)
-    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    amp: Literal["bf16", "fp16", "none", "auto"] = "auto"  # auto: bf16 on CUDA, none on CPU
     compile: bool = False
     output_dir: str = "runs"
     name: str = "default"  # the run folder is output_dir/name

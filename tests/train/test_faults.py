@@ -1,0 +1,120 @@
+"""Faults: a non-finite loss skips its update; too many in a row stop the run with a message
+naming the step and the last good checkpoint; bad configs and data stop before training."""
+import pytest
+import torch
+
+from unpg.distributed import DistContext
+from unpg.trainer import NonFiniteLossError, Trainer
+
+
+class PoisonedLoader:
+    """Wraps a loader; batches at global steps ``bad`` (1-based) get NaN images."""
+
+    def __init__(self, inner, bad, steps_per_epoch):
+        self.inner, self.bad, self.spe = inner, set(bad), steps_per_epoch
+        self.num_classes = inner.num_classes
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        for i, (x, y) in enumerate(self.inner):
+            step = self.epoch * self.spe + i + 1
+            yield (torch.full_like(x, float("nan")) if step in self.bad else x), y
+
+
+def make_trainer(helpers, tmp_path, bad, *overrides):
+    images, labels = helpers["make_data"](n_classes=5, per_class=8)  # 5 steps per epoch
+
+    def factory(cfg, rank, world, device, train=True):
+        inner = helpers["MemoryLoader"](images, labels, cfg, rank, world, device)
+        return PoisonedLoader(inner, bad, len(inner))
+
+    cfg = helpers["tiny_config"](tmp_path, *overrides)
+    return Trainer(cfg, loader_factory=factory).setup()
+
+
+def test_nonfinite_step_is_skipped_with_a_warning(helpers, tmp_path, caplog):
+    clean = make_trainer(helpers, tmp_path / "a", [], "train.max_steps=2")
+    clean.train()
+    skipped = make_trainer(helpers, tmp_path / "b", [3], "train.max_steps=3")
+    with caplog.at_level("WARNING", logger="unpg.train"):
+        result = skipped.train()
+    assert result["reason"] == "max_steps"
+    assert any("skipped 1 update" in r.getMessage() and "step 3" in r.getMessage()
+               for r in caplog.records)
+    # Step 3 changed nothing: weights and momentum equal the clean run after step 2.
+    for a, b in zip(clean.backbone.parameters(), skipped.backbone.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(clean.classifier.weight, skipped.classifier.weight)
+    s_clean = clean.optimizer.state_dict()["state"]
+    s_skip = skipped.optimizer.state_dict()["state"]
+    for idx in s_clean:
+        assert torch.equal(s_clean[idx]["momentum_buffer"], s_skip[idx]["momentum_buffer"])
+    assert skipped.global_step == 3 and skipped.scheduler.last_epoch == 3
+
+
+def test_too_many_nonfinite_steps_stop_naming_step_and_checkpoint(helpers, tmp_path):
+    trainer = make_trainer(helpers, tmp_path, range(3, 100), "train.max_nonfinite=2",
+                           "train.save_every=2")
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train()
+    msg = str(info.value)
+    # Steps 3, 4, 5 are non-finite: the run of 3 > 2 is reached at step 5; step 4 (two
+    # skipped updates, unchanged weights) was still saved.
+    assert "at step 5" in msg and "train.max_nonfinite=2" in msg
+    assert str(tmp_path / "run" / "ckpt_000000004.pt") in msg
+    assert trainer.global_step == 5
+
+
+def test_missing_data_folder_is_reported_before_training(tmp_path):
+    from unpg.config import load_config
+
+    cfg = load_config(None, [f"data.rec={tmp_path / 'nope'}", "train.device=cpu"])
+    with pytest.raises(ValueError, match=r"data.rec=.*nope: folder not found"):
+        Trainer(cfg).setup()
+    empty = load_config(None, ["train.device=cpu"])
+    with pytest.raises(ValueError, match="data.rec is empty"):
+        Trainer(empty).setup()
+    (tmp_path / "half").mkdir()
+    half = load_config(None, [f"data.rec={tmp_path / 'half'}", "train.device=cpu"])
+    with pytest.raises(ValueError, match="train.rec is missing"):
+        Trainer(half).setup()
+
+
+def test_class_count_mismatch_is_reported(tiny_rec, tmp_path):
+    from unpg.config import load_config
+
+    cfg = load_config(None, [f"data.rec={tiny_rec}", "data.num_classes=99", "train.device=cpu",
+                             "train.batch_size=8", "loader.workers=0", "model.name=mobilefacenet_s",
+                             f"train.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"data.num_classes=99 .* 8 classes.*(0|read from)"):
+        Trainer(cfg).setup()
+
+
+def test_world_size_and_file_checks(helpers, tmp_path):
+    cfg = helpers["tiny_config"](tmp_path, "train.batch_size=6", "optim.accum_steps=2")
+    trainer = Trainer(cfg)
+    trainer.ctx = DistContext(rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"train.batch_size=6 .* 2 x 2; .* multiple of 4"):
+        trainer.check_config()
+    for override, pattern in [
+        ("train.resume=/no/such.pt", "train.resume=/no/such.pt: no such checkpoint"),
+        ("model.weights=/no/w.pt", "model.weights=/no/w.pt: file not found"),
+        ("model.name=resnet-9000", "unknown backbone 'resnet-9000'"),
+    ]:
+        t = Trainer(helpers["tiny_config"](tmp_path, override))
+        t.ctx = DistContext()
+        with pytest.raises(ValueError, match=pattern):
+            t.check_config()
+    t = Trainer(helpers["tiny_config"](tmp_path, "eval.every=5", "eval.bins=[/no/x.bin]"))
+    t.ctx = DistContext()
+    with pytest.raises(ValueError, match=r"verification file\(s\) not found: /no/x.bin"):
+        t.check_config()
+    with pytest.raises(ValueError, match="train.amp=fp16 needs CUDA"):
+        Trainer(helpers["tiny_config"](tmp_path, "train.amp=fp16")).setup_distributed()

@@ -1,0 +1,153 @@
+"""Training logs: a device-side window meter, the rank-0 progress line, ``metrics.jsonl`` and
+TensorBoard events.
+
+The meter adds each step's loss and UNPG statistics as *tensors*; nothing is read on the host
+until ``WindowMeter.read()`` at the logging cadence (that ``.tolist()`` is the one host sync of a
+logging window).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+__all__ = ["MetricsSink", "WindowMeter", "format_progress", "truncate_jsonl"]
+
+log = logging.getLogger("unpg.train")
+
+UNPG_KEYS = ("num_negatives", "num_kept", "q1", "q3", "lower", "upper", "min", "max")
+
+
+class WindowMeter:
+    """Sums of the per-step loss (and last UNPG statistics) since the last ``read``."""
+
+    def __init__(self) -> None:
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._skipped: Optional[torch.Tensor] = None
+        self._stats: Dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, ok: torch.Tensor, stats: Dict[str, torch.Tensor]) -> None:
+        loss = loss.detach().float()
+        skipped = (~ok).to(torch.int64)
+        # A skipped (non-finite) step is counted, not averaged into the loss.
+        loss = torch.where(ok, loss, torch.zeros_like(loss))
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._skipped = skipped if self._skipped is None else self._skipped + skipped
+        self._stats = {k: v.detach() for k, v in stats.items()}
+        self.steps += 1
+
+    def average_loss_over(self, group: Any, world_size: int) -> None:
+        """Replace the window's loss sum by its mean over ranks (replicated FC mode, where
+        each rank's loss is its local mean). A device collective at the logging cadence."""
+        import torch.distributed as dist
+
+        if self._loss_sum is not None:
+            dist.all_reduce(self._loss_sum, group=group)
+            self._loss_sum = self._loss_sum / world_size
+
+    def read(self) -> Dict[str, Any]:
+        """Host values of the window and reset: ``loss`` (mean over finite steps), ``skipped``
+        and ``unpg/<stat>`` of the latest step."""
+        if self.steps == 0:
+            return {}
+        keys = [k for k in UNPG_KEYS if k in self._stats]
+        values = torch.stack([self._loss_sum.double(), self._skipped.double()]
+                             + [self._stats[k].double() for k in keys]).tolist()  # host sync
+        loss_sum, skipped = values[0], int(values[1])
+        finite = self.steps - skipped
+        out: Dict[str, Any] = {"loss": loss_sum / finite if finite else math.nan,
+                               "skipped": skipped}
+        out.update({f"unpg/{k}": (int(v) if k in ("num_negatives", "num_kept") else v)
+                    for k, v in zip(keys, values[2:])})
+        self._loss_sum, self._skipped, self._stats, self.steps = None, None, {}, 0
+        return out
+
+
+def _eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+def format_progress(step: int, total_steps: int, epoch: int, epochs: int, record: Dict[str, Any],
+                    ) -> str:
+    """One progress line: step, epoch, loss, lr, throughput, ETA, UNPG filter statistics."""
+    parts = [f"step {step}/{total_steps}", f"epoch {epoch + 1}/{epochs}",
+             f"loss {record.get('loss', math.nan):.4f}", f"lr {record.get('lr', math.nan):.5g}",
+             f"{record.get('images_per_sec', 0.0):.1f} img/s",
+             f"eta {_eta(record.get('eta_sec', math.nan))}"]
+    if record.get("skipped"):
+        parts.append(f"skipped {record['skipped']}")
+    if "unpg/num_kept" in record:
+        parts.append(
+            f"| unpg kept {record['unpg/num_kept']}/{record['unpg/num_negatives']} "
+            f"q1 {record['unpg/q1']:.3f} q3 {record['unpg/q3']:.3f} "
+            f"bounds [{record['unpg/lower']:.3f}, {record['unpg/upper']:.3f}]")
+    return "  ".join(parts)
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop records with ``step > max_step`` (a resumed run re-logs those steps); atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except ValueError:
+            continue  # a line cut by a crash
+        if isinstance(step, int) and step <= max_step:
+            kept.append(line)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in kept))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class MetricsSink:
+    """Rank 0's ``metrics.jsonl`` (one JSON object per line, flushed) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int = 0, tensorboard: bool = True) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        truncate_jsonl(self.path, resume_step)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard is a declared dependency; say what is wrong
+                log.warning("TensorBoard events disabled (%s); metrics.jsonl is still written", exc)
+            else:
+                self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step or None)
+
+    def write(self, step: int, record: Dict[str, Any], kind: str = "train") -> None:
+        row = {"step": step, "kind": kind, **record}
+        self._fh.write(json.dumps(row, allow_nan=True) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                        math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()

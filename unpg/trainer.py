@@ -1,0 +1,487 @@
+"""``Trainer``: one training run, from the resolved config to the last checkpoint.
+
+Read top to bottom: ``setup`` = ``setup_distributed`` -> ``check_config`` -> ``build_data`` ->
+``build_model`` -> ``build_optim`` -> ``maybe_resume``; ``train`` loops over epochs and batches
+calling ``train_step``, logging every ``train.log_every`` steps, evaluating every ``eval.every``
+and checkpointing every ``train.save_every`` steps and at each epoch end.
+
+Gradient accumulation (``optim.accum_steps``) splits each rank's batch into micro-batches
+(loss / n each, DDP ``no_sync`` until the last, one optimizer and scheduler step). It equals one
+big batch for the margin-softmax part; UNPG's negatives then come from each (global)
+micro-batch, as they would for a smaller batch.
+
+Host syncs: none per step on CUDA. Loss, UNPG statistics and the finiteness flag stay on the
+device (``WindowMeter``) and are read at the logging cadence, before a checkpoint and at the
+end; a non-finite step is skipped on the device (``unpg.optim.guarded_step``). The per-step
+stop check (SIGTERM/SIGINT) is a host-side all-reduce of a CPU flag when distributed.
+
+Calling ``train_step`` on in-memory batches (benchmarks)::
+
+    trainer = Trainer(cfg, num_classes=C).setup(data=False, steps_per_epoch=1000)
+    out = trainer.train_step(images_bCHW, labels_b)  # this rank's float batch on trainer.device
+    out["loss"], out["ok"]                               # 0-dim device tensors (no sync)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from unpg import checkpoint as ckpt_io
+from unpg.config import Config, save_config
+from unpg.distributed import (
+    DistContext,
+    FcGradAverager,
+    any_rank,
+    broadcast_float,
+    gather_objects,
+    setup_distributed,
+    wrap_backbone,
+)
+from unpg.faults import NonFiniteGuard, NonFiniteLossError
+from unpg.fc import MarginClassifier
+from unpg.grads import finalize_grads
+from unpg.logging_utils import MetricsSink, WindowMeter, format_progress
+from unpg.optim import (
+    build_optimizer,
+    build_scheduler,
+    guarded_step,
+    param_groups,
+    schedule_steps,
+)
+from unpg.signals import StopSignals
+from unpg.train_state import checkpoint_state, ckpt_step, load_backbone_weights, restore_state
+
+__all__ = ["NonFiniteLossError", "Trainer"]
+
+log = logging.getLogger("unpg.train")
+
+LoaderFactory = Callable[..., Any]  # (cfg, rank, world_size, device, train=True) -> loader
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """``train.amp`` -> autocast dtype (None = float32). ``auto``: bf16 on CUDA, none on CPU."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs CUDA (GradScaler loss scaling); on CPU use "
+                         "train.amp=bf16 or none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+class Trainer:
+    """One training run; see the module docstring for the order of the steps."""
+
+    def __init__(self, cfg: Config, *, loader_factory: Optional[LoaderFactory] = None,
+                 num_classes: Optional[int] = None) -> None:
+        self.cfg = cfg
+        self.loader_factory = loader_factory
+        self.num_classes = num_classes
+        self.run_dir = Path(cfg.train.output_dir) / cfg.train.name
+        self.accum_steps = cfg.optim.accum_steps
+        # Position: optimizer steps done, the epoch being read and batches of it consumed.
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.best_score = -math.inf
+        self.last_checkpoint: Optional[Path] = None
+        self.loader: Any = None
+        self.sink: Optional[MetricsSink] = None
+        self.signals = StopSignals()
+        self.last_eval: Dict[str, Any] = {}
+        self.guard: Optional[NonFiniteGuard] = None
+        self._step_lr = math.nan  # learning rate of the latest update (for the logs)
+
+    # ========================================================================= setup
+    def setup(self, data: bool = True, steps_per_epoch: Optional[int] = None) -> "Trainer":
+        """Everything before the first step. ``data=False`` (benchmarks) skips the loader and
+        resuming; then give ``num_classes`` to the constructor and ``steps_per_epoch`` here."""
+        self.setup_distributed()
+        self.check_config()
+        if data:
+            self.build_data()
+        else:
+            if self.num_classes is None or steps_per_epoch is None:
+                raise ValueError("Trainer.setup(data=False) needs Trainer(num_classes=...) and "
+                                 "setup(steps_per_epoch=...)")
+            self.steps_per_epoch = int(steps_per_epoch)
+        self.build_model()
+        self.build_optim()
+        if data:
+            self.maybe_resume()
+        return self
+
+    def setup_distributed(self) -> None:
+        self.ctx: DistContext = setup_distributed(self.cfg.train.device)
+        self.device = self.ctx.device
+        self.amp_dtype = resolve_amp(self.cfg.train.amp, self.device)
+
+    def check_config(self) -> None:
+        """Problems a config can have that only show with the world size, data and files."""
+        cfg, world = self.cfg, self.ctx.world_size
+        per_step = world * self.accum_steps
+        if cfg.train.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} (global) must be divisible by "
+                f"world_size x optim.accum_steps = {world} x {self.accum_steps}; set "
+                f"train.batch_size to a multiple of {per_step}")
+        if cfg.eval.every > 0:
+            missing = [b for b in cfg.verification_bins if not os.path.isfile(b)]
+            if missing:
+                raise ValueError(f"verification file(s) not found: {', '.join(missing)} (from "
+                                 f"eval.bins / data.val_bins); fix the paths, or set eval.every=0")
+        resume = cfg.train.resume
+        if resume not in ("", "auto") and not os.path.isfile(resume):
+            raise ValueError(f"train.resume={resume}: no such checkpoint file; use 'auto' (the "
+                             f"latest in {self.run_dir}) or the path of a .pt checkpoint")
+        if cfg.model.weights and not os.path.isfile(cfg.model.weights):
+            raise ValueError(f"model.weights={cfg.model.weights}: file not found")
+        from unpg.models.registry import resolve_name
+
+        resolve_name(cfg.model.name)  # unknown backbone: ValueError listing the known ones
+
+    def build_data(self) -> None:
+        cfg = self.cfg
+        factory = self.loader_factory
+        if factory is None:
+            rec = cfg.data.rec
+            if not rec:
+                raise ValueError("data.rec is empty: set data.rec=FOLDER holding train.rec, "
+                                 "train.idx and property (insightface layout), e.g. one written "
+                                 "by python -m unpg.data.synthetic --out FOLDER ...")
+            if not os.path.isdir(rec):
+                raise ValueError(f"data.rec={rec}: folder not found; point data.rec at the "
+                                 f"folder with train.rec / train.idx / property")
+            for name in ("train.rec", "train.idx"):
+                if not os.path.isfile(os.path.join(rec, name)):
+                    raise ValueError(f"data.rec={rec}: {name} is missing; the folder must hold "
+                                     f"train.rec, train.idx and property (insightface layout)")
+            from unpg.loaders import build_loader as factory
+        self.loader = factory(cfg, self.ctx.rank, self.ctx.world_size, self.device, train=True)
+        data_classes = int(self.loader.num_classes)
+        source = cfg.data.rec or "the training loader"
+        if cfg.data.num_classes and cfg.data.num_classes != data_classes:
+            raise ValueError(f"data.num_classes={cfg.data.num_classes} but {source} has "
+                             f"{data_classes} classes; set data.num_classes={data_classes} or 0 "
+                             f"(read from the data), or fix data.rec")
+        if self.num_classes is not None and self.num_classes != data_classes:
+            raise ValueError(f"num_classes={self.num_classes} given but {source} has "
+                             f"{data_classes} classes")
+        self.num_classes = data_classes
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{source} yields no full global batch of {cfg.train.batch_size}; "
+                             f"lower train.batch_size")
+
+    def build_model(self) -> None:
+        cfg = self.cfg
+        from unpg.models import build_backbone
+
+        torch.manual_seed(cfg.train.seed)  # the same initial backbone on every rank
+        backbone = build_backbone(cfg.model.name, embedding_size=cfg.model.embedding_size,
+                                  dropout=cfg.model.dropout, channels_last=cfg.model.channels_last)
+        if cfg.model.weights:
+            load_backbone_weights(backbone, cfg.model.weights)
+        self.backbone = backbone.to(self.device)
+        if cfg.model.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.model = wrap_backbone(self.backbone, self.ctx, cfg.fc.mode)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.classifier = MarginClassifier(cfg, self.num_classes, self.ctx).to(self.device)
+        self.fc_sync = (FcGradAverager(list(self.classifier.parameters()), self.ctx)
+                        if cfg.fc.mode == "replicated" else None)
+        # Each rank draws its own random numbers from here on (dropout, class sampling).
+        seed = cfg.train.seed + 1000 * self.ctx.rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def build_optim(self) -> None:
+        cfg = self.cfg
+        groups = param_groups(self.backbone, self.classifier)
+        self.fc_param_index = len(groups[0]["params"])
+        self.optimizer = build_optimizer(cfg.optim, groups, self.device)
+        self.schedule = schedule_steps(cfg, self.steps_per_epoch)
+        self.total_steps = self.schedule.total_steps
+        self.scheduler = build_scheduler(self.optimizer, self.schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+
+    def maybe_resume(self) -> None:
+        """``train.resume``: '' fresh, 'auto' the latest checkpoint of the run folder, or a path."""
+        resume = self.cfg.train.resume
+        path: Optional[Path] = None
+        if resume == "auto":
+            latest = ckpt_io.latest_checkpoint(self.run_dir) if self.ctx.is_main else None
+            found = gather_objects(str(latest) if latest else "", self.ctx)[0]  # rank 0 decides
+            path = Path(found) if found else None
+            if path is None and self.ctx.is_main:
+                log.info("train.resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
+        elif resume:
+            path = Path(resume)
+        if path is not None:
+            self.load_state(ckpt_io.load_checkpoint(path), str(path))
+            self.last_checkpoint = path
+            if self.ctx.is_main:
+                log.info("resumed from %s at step %d (epoch %d, batch %d)", path,
+                         self.global_step, self.epoch + 1, self.step_in_epoch)
+
+    # ========================================================================= training
+    def train(self) -> Dict[str, Any]:
+        """Run to the end of the schedule (or ``train.max_steps`` / a stop signal). Returns
+        ``{reason, global_step, checkpoint, eval}``; raises ``KeyboardInterrupt`` after saving
+        on SIGINT and ``NonFiniteLossError`` when the loss stays non-finite."""
+        cfg = self.cfg
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.sink = MetricsSink(self.run_dir, resume_step=self.global_step)
+            log.info("training %s: %d classes, %d steps/epoch x %d epochs, global batch %d on %d "
+                     "process(es), device %s, amp %s, fc %s", cfg.model.name, self.num_classes,
+                     self.steps_per_epoch, cfg.schedule.epochs, cfg.train.batch_size,
+                     self.ctx.world_size, self.device, self.amp_dtype or "none", cfg.fc.mode)
+        self._meter = WindowMeter()
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite, self.device)
+        self._window_start, self._window_steps = time.perf_counter(), 0
+        reason = "done"
+        stop_at = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        with self.signals:
+            try:
+                reason = self._run_epochs(stop_at)
+            finally:
+                if self.sink is not None:
+                    self.sink.close()
+                    self.sink = None
+        if reason == "SIGINT":
+            raise KeyboardInterrupt(f"stopped by SIGINT after saving {self.last_checkpoint}")
+        return {"reason": reason, "global_step": self.global_step,
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "eval": self.last_eval}
+
+    def _run_epochs(self, stop_at: int) -> str:
+        cfg = self.cfg
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved at the very end of an epoch
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.backbone.train()
+        self.classifier.train()
+        stop = ""
+        while not stop and self.global_step < stop_at and self.epoch < cfg.schedule.epochs:
+            stop = self._run_epoch(stop_at)
+        stop = stop or "done"
+        self._finish(stop)
+        return stop
+
+    def _run_epoch(self, stop_at: int) -> str:
+        """The rest of the current epoch; returns a stop reason or '' at the epoch's end."""
+        with contextlib.closing(self._epoch_batches()) as batches:
+            for images, labels in batches:
+                out = self.train_step(images, labels)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                self._after_step(out)
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    break
+                stop = self._stop_reason(stop_at)
+                if stop:
+                    return stop
+            else:
+                raise RuntimeError(f"the loader yielded {self.step_in_epoch} batches in epoch "
+                                   f"{self.epoch}, fewer than its len() = {self.steps_per_epoch}")
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.save_checkpoint()  # epoch end
+        return self._stop_reason(stop_at)
+
+    def _epoch_batches(self):
+        """This epoch's batches from the loader's reproducible order, skipping the
+        ``step_in_epoch`` already consumed (mid-epoch resume)."""
+        self.loader.set_epoch(self.epoch)
+        skip = self.step_in_epoch
+        start = getattr(self.loader, "set_start_step", None)
+        if skip and start is not None:
+            start(skip)  # the loader seeks without decoding the skipped batches
+            skip = 0
+        it = iter(self.loader)
+        try:
+            for i, batch in enumerate(it):
+                if i >= skip:
+                    yield batch
+        finally:
+            close = getattr(it, "close", None)  # stop prefetch workers when we leave early
+            if close is not None:
+                close()
+
+    def _stop_reason(self, stop_at: int) -> str:
+        # Per-step check; across ranks one host-side all-reduce of a CPU flag (no device sync).
+        if any_rank(self.signals.requested, self.ctx):
+            return self.signals.name or "SIGTERM"
+        if self.global_step >= stop_at:
+            return "done" if stop_at == self.total_steps else "max_steps"
+        return ""
+
+    def _finish(self, reason: str) -> None:
+        """Last log, evaluation and checkpoint of the run (or of this piece of it)."""
+        if self._meter.steps:
+            self._log_progress()
+        if reason == "done" and self.cfg.eval.every > 0 and self.cfg.verification_bins and \
+                self.last_eval.get("step") != self.global_step:
+            self.evaluate()
+        if self.last_checkpoint is None or ckpt_step(self.last_checkpoint) != self.global_step:
+            self.save_checkpoint()
+        if reason not in ("done", "max_steps") and self.ctx.is_main:
+            log.warning("%s received: saved %s at step %d; resume with train.resume=auto",
+                        reason, self.last_checkpoint, self.global_step)
+
+    def _after_step(self, out: Dict[str, torch.Tensor]) -> None:
+        cfg, step = self.cfg, self.global_step
+        self._meter.add(out["loss"], out["ok"], {k: v for k, v in out.items()
+                                                 if k not in ("loss", "ok")})
+        self.guard.track(out["ok"], step)
+        self._window_steps += 1
+        if step % cfg.train.log_every == 0:
+            self._log_progress()
+        if cfg.eval.every > 0 and step % cfg.eval.every == 0 and cfg.verification_bins:
+            self.evaluate()
+        if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and \
+                self.step_in_epoch < self.steps_per_epoch:  # the epoch end saves anyway
+            self.save_checkpoint()
+
+    # ========================================================================= one step
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One optimizer step on this rank's batch (split into ``optim.accum_steps``
+        micro-batches). Returns 0-dim device tensors: ``loss`` (mean over the micro-batches),
+        ``ok`` (finite loss: the update was applied; under fp16 the GradScaler may still skip
+        it for overflowing gradients) and the UNPG statistics of the last micro-batch."""
+        n = self.accum_steps
+        if images.shape[0] % n or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"train_step: batch of {images.shape[0]} images / "
+                             f"{labels.shape[0]} labels is not splittable into "
+                             f"optim.accum_steps={n} micro-batches")
+        loss_sum = torch.zeros((), device=self.device)
+        stats: Dict[str, torch.Tensor] = {}
+        for i, (x, y) in enumerate(zip(images.chunk(n), labels.chunk(n))):
+            last = i == n - 1
+            # Gradients are reduced once, on the last micro-batch (DDP no_sync before it).
+            sync = contextlib.nullcontext() if last or not self.ctx.distributed \
+                else self.model.no_sync()
+            if last and self.fc_sync is not None:
+                self.fc_sync.arm()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    emb = self.model(x)
+                # The loss runs in float32 outside autocast (it upcasts anyway; autocast would
+                # put its B x C matmul in half precision).
+                loss, stats = self.classifier(emb.float(), y)
+                self.scaler.scale(loss / n).backward()
+            loss_sum = loss_sum + loss.detach()
+        if self.fc_sync is not None:
+            self.fc_sync.wait()
+        loss = loss_sum / n
+        ok = self._finalize_grads(loss)
+        self._step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this update uses
+        with self.classifier.step_context(self.optimizer):
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)  # skips on inf/NaN gradients by itself
+                self.scaler.update()
+            else:
+                guarded_step(self.optimizer, ok)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "ok": ok, **stats}
+
+    def _all_params(self) -> List[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _finalize_grads(self, loss: torch.Tensor) -> torch.Tensor:
+        """Unscale (fp16), clip, and the device-side verdict ``ok`` (``unpg.grads``)."""
+        return finalize_grads(self.optimizer, loss, scaler=self.scaler,
+                              clip=self.cfg.optim.grad_clip, ctx=self.ctx,
+                              fc_sharded=self.cfg.fc.mode == "sharded")
+
+    # ========================================================================= logging / eval
+    def _log_progress(self) -> None:
+        meter = self._meter
+        if self.cfg.fc.mode == "replicated" and self.ctx.distributed and meter.steps:
+            meter.average_loss_over(self.ctx.loss_group, self.ctx.world_size)
+        record = meter.read()  # host sync: once per logging window
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        steps = self._window_steps
+        self._window_start, self._window_steps = now, 0
+        self.guard.check(self.global_step, self.last_checkpoint, record.get("skipped", 0),
+                         steps, warn=self.ctx.is_main)
+        stop_at = min(self.total_steps, self.cfg.train.max_steps or self.total_steps)
+        record.update(lr=self._step_lr, epoch=self.epoch,
+                      images_per_sec=steps * self.cfg.train.batch_size / elapsed,
+                      eta_sec=(stop_at - self.global_step) * elapsed / max(steps, 1))
+        if self.ctx.is_main:
+            epoch = min(self.epoch, self.cfg.schedule.epochs - 1)  # after the last epoch end
+            log.info(format_progress(self.global_step, stop_at, epoch, self.cfg.schedule.epochs,
+                                     record))
+            if self.sink is not None:
+                self.sink.write(self.global_step, record)
+
+    def evaluate(self) -> Dict[str, Any]:
+        """Verification on ``cfg.verification_bins`` (rank 0 computes, the mean accuracy is
+        broadcast); keeps ``best.pt`` when it improves. Collective: call on every rank."""
+        cfg = self.cfg
+        results: Dict[str, Any] = {}
+        score = math.nan
+        if self.ctx.is_main:
+            from unpg.eval.bins import evaluate_bins
+
+            # The unwrapped backbone: no DDP collective; evaluate_bins restores train mode.
+            results = evaluate_bins(self.backbone, cfg.verification_bins,
+                                    batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
+                                    normalize=cfg.data.normalize, device=self.device,
+                                    n_folds=cfg.eval.n_folds)
+            accs = {name: float(r["accuracy"]) for name, r in results.items()}
+            score = float(np.mean(list(accs.values()))) if accs else math.nan
+            record = {f"{name}/accuracy": acc for name, acc in accs.items()}
+            record.update({f"{name}/accuracy_std": float(r["accuracy_std"])
+                           for name, r in results.items()})
+            log.info("step %d verification: %s", self.global_step,
+                     "  ".join(f"{n} {a:.4f}" for n, a in accs.items()))
+            if self.sink is not None:
+                self.sink.write(self.global_step, record, kind="eval")
+        score = broadcast_float(score, self.ctx)
+        self.last_eval = {"step": self.global_step, "score": score, "results": results}
+        if math.isfinite(score) and score > self.best_score:
+            self.best_score = score
+            self.save_checkpoint(best=True)
+        return self.last_eval
+
+    # ========================================================================= checkpoints
+    def state_for_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The checkpoint dict on rank 0, None elsewhere (collective; ``unpg.train_state``)."""
+        return checkpoint_state(self)
+
+    def save_checkpoint(self, best: bool = False) -> Optional[Path]:
+        """Write ``ckpt_<step>.pt`` (and prune to ``train.keep_last``) or ``best.pt``. Every
+        rank must call it; rank 0 writes. Refuses when the fault limit was already crossed."""
+        if self.guard is not None and self.guard.over_limit():
+            self.guard.check(self.global_step, self.last_checkpoint)
+        state = self.state_for_checkpoint()
+        path = (self.run_dir / ckpt_io.BEST_NAME if best
+                else ckpt_io.checkpoint_path(self.run_dir, self.global_step))
+        if self.ctx.is_main:
+            ckpt_io.atomic_save(state, path)
+            if not best:
+                ckpt_io.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+            log.info("saved %s", path)
+        if not best:
+            self.last_checkpoint = path
+        return path
+
+    def load_state(self, ck: Dict[str, Any], where: str) -> None:
+        """Restore a checkpoint of any world size / ``fc.mode`` (``unpg.train_state``)."""
+        restore_state(self, ck, where)
