@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from unpg import checkpoint as ckpt_io
 from unpg.config import Config, save_config
@@ -261,6 +262,10 @@ class Trainer:
                 if self.sink is not None:
                     self.sink.close()
                     self.sink = None
+        if self.ctx.distributed:
+            # Every rank leaves together: a rank that tears its process group down while a peer
+            # is still inside the last checkpoint's collectives can abort in gloo's teardown.
+            dist.barrier()
         if reason == "SIGINT":
             raise KeyboardInterrupt(f"stopped by SIGINT after saving {self.last_checkpoint}")
         return {"reason": reason, "global_step": self.global_step,
