@@ -13,11 +13,9 @@ Each is the median of ``--repeats`` runs; the data are generated once, outside t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -107,21 +105,13 @@ def main(argv=None) -> int:
                     "unit": "s"})
 
     from unpg.eval.report import format_table
+    from unpg.fileio import atomic_write_json
 
     print(format_table(["name", "value", "unit"],
                        [[r["name"], f"{r['value']:.4f}", r["unit"]] for r in results],
                        title=f"eval_speed (median of >= {args.repeats} runs, {os.cpu_count()} CPUs)"))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{args.json.name}.", dir=args.json.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"results": results}, fh, indent=2)
-            os.replace(tmp, args.json)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_json(args.json, {"results": results}, indent=2)
     return 0
 
 

@@ -34,7 +34,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -164,18 +163,6 @@ def _child_env() -> Dict[str, str]:
     return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
 
 
-def _write_json(path: Path, results: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"results": results}, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, help="write {'results': [{name, value, unit}]} here")
@@ -249,7 +236,9 @@ def main(argv=None) -> int:
         print(f"nominal work {flops / 1e9:.0f} GFLOP; roofline time at {args.peak_tflops:.0f} "
               f"TFLOP/s: {flops / args.peak_tflops / 1e9:.3f} ms")
     if args.json:
-        _write_json(args.json, results)
+        from unpg.fileio import atomic_write_json
+
+        atomic_write_json(args.json, {"results": results}, indent=2)
     return 0
 
 

@@ -171,7 +171,9 @@ def shard_lse_and_target(emb_hat_BD, weight_CD, labels_B, scale: float, *, class
                          chunk_size: int = 8192) -> Tuple[torch.Tensor, torch.Tensor]:
     """copy_to_shards -> local ``ell`` and target cosine over ``weight_CD`` (global classes
     ``[class_start, class_start + C)``, one fused autograd node) -> combined over ranks:
-    ``(ell_B, cos_t_B)``. ``process_group=None`` runs the same Functions without collectives."""
+    ``(ell_B, cos_t_B)``. ``process_group=None`` runs the same Functions without collectives.
+    The one place the shard collectives wrap the kernel: ``nontarget_lse_and_target`` with a
+    ``process_group`` checks its inputs and comes here."""
     x_BD = copy_to_shards(emb_hat_BD, process_group)
     ell_local_B, cos_local_B = nontarget_lse_and_target(
         x_BD, weight_CD, labels_B, scale, backend=backend, chunk_size=chunk_size,

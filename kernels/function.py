@@ -137,17 +137,16 @@ def nontarget_lse_and_target(
         common = torch.promote_types(emb_hat_BD.dtype, weight_CD.dtype)
         emb_hat_BD, weight_CD = emb_hat_BD.to(common), weight_CD.to(common)
     resolved = resolve_backend(backend, emb_hat_BD)
-    if process_group is None:
-        return local_lse_and_target(emb_hat_BD, weight_CD, labels_B, scale, backend=resolved,
-                                    chunk_size=chunk_size, class_start=class_start)
-    from .distributed import copy_to_shards, lse_across_shards, sum_across_shards
+    if process_group is not None:
+        # The collectives wrap the checked, promoted inputs (dX is summed over ranks in the
+        # common dtype); shard_lse_and_target calls back here without the group.
+        from .distributed import shard_lse_and_target
 
-    x_BD = copy_to_shards(emb_hat_BD, process_group)
-    ell_local_B, cos_local_B = local_lse_and_target(
-        x_BD, weight_CD, labels_B, scale, backend=resolved, chunk_size=chunk_size,
-        class_start=class_start)
-    return (lse_across_shards(ell_local_B, process_group),
-            sum_across_shards(cos_local_B, process_group))
+        return shard_lse_and_target(emb_hat_BD, weight_CD, labels_B, scale,
+                                    class_start=class_start, process_group=process_group,
+                                    backend=resolved, chunk_size=chunk_size)
+    return local_lse_and_target(emb_hat_BD, weight_CD, labels_B, scale, backend=resolved,
+                                chunk_size=chunk_size, class_start=class_start)
 
 
 def nontarget_lse(

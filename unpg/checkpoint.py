@@ -16,15 +16,15 @@ Files are ``ckpt_<global step>.pt`` (the newest ``train.keep_last`` are kept) an
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
+
+from unpg.fileio import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "atomic_save", "capture_rng", "checkpoint_path",
            "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
@@ -56,32 +56,11 @@ def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
 
 
 def atomic_save(obj: Dict[str, Any], path: PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, rename, fsync the folder:
-    a crash leaves either the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(dir_fd)
-    return path
+    """``torch.save`` through ``unpg.fileio.atomic_write`` (temporary beside ``path``, fsync,
+    rename, fsync the folder): a crash leaves either the old file or the complete new one."""
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
+    return Path(path)
 
 
 def prune_checkpoints(run_dir: PathLike, keep_last: int) -> List[Path]:

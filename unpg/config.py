@@ -20,13 +20,13 @@ import dataclasses
 import difflib
 import functools
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from unpg.fileio import atomic_write_text
 
 Normalize = Literal["insightface", "imagenet"]
 Flip = Literal["sum", "concat", "none"]
@@ -626,24 +626,11 @@ def load_eval_data_config(path: Union[str, Path, None] = None,
 
 def save_config(cfg: Union[Config, EvalDataConfig], path: Union[str, Path]) -> Path:
     """Write the resolved config as YAML, atomically; loading it gives an equal config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     loader = "load_config" if isinstance(cfg, Config) else "load_eval_data_config"
     text = (f"# Resolved {type(cfg).__name__}, written by unpg.config.save_config; "
             f"read it with unpg.config.{loader}.\n"
             + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 __all__ = [

@@ -11,12 +11,12 @@ import datetime
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+
+from unpg.fileio import atomic_write_text
 
 __all__ = ["MetricsSink", "WindowMeter", "format_progress", "truncate_jsonl"]
 
@@ -106,17 +106,7 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
             continue  # a line cut by a crash
         if isinstance(step, int) and step <= max_step:
             kept.append(line)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in kept))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsSink:

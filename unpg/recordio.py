@@ -25,6 +25,8 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from unpg.fileio import atomic_write_text
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEAD = struct.Struct("<II")  # magic, lrecord
@@ -514,7 +516,6 @@ class FaceRecWriter:
         if len(self.image_size) != 2 or min(self.image_size) <= 0:
             raise ValueError(f"image_size must be (height, width) > 0, got {image_size!r}")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._prop_tmp = self.directory / "property.tmp"
         self._rec = IndexedRecordIO(self.directory / "train.idx", self.directory / "train.rec", "w")
         # Key 0 at offset 0, like insightface: reserve the header record now, patch its label at
         # close(). Its payload is always 32 bytes (flag 2, label 0.0, id 0, id2 0, two float32
@@ -557,8 +558,7 @@ class FaceRecWriter:
             assert len(header) == len(self._header_record), "header record size changed"
             self._rec._overwrite(0, header)
             h, w = self.image_size
-            self._prop_tmp.write_text(f"{len(self._starts)},{h},{w}\n")
-            os.replace(self._prop_tmp, self.directory / "property")
+            atomic_write_text(self.directory / "property", f"{len(self._starts)},{h},{w}\n")
             self._rec.close()
         except BaseException:
             self.abort()
@@ -566,7 +566,6 @@ class FaceRecWriter:
 
     def abort(self) -> None:
         self._rec.abort()
-        self._prop_tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "FaceRecWriter":
         return self

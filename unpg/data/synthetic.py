@@ -30,12 +30,13 @@ import math
 import multiprocessing as mp
 import os
 import pickle
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from unpg.fileio import atomic_write, atomic_write_text
 
 VERSION = 1
 SIZE = 112
@@ -487,22 +488,6 @@ def pair_plan(seed: int, val_identities: int, val_pairs: int) -> list:
     return [pairs[i] for i in rng.permutation(len(pairs))]
 
 
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -572,8 +557,8 @@ def generate(out_dir: str, identities: int, images_per_identity: int, *,
             jpegs = list(tqdm(mapper.map(_render_jpeg, tasks, 32), total=len(tasks),
                               desc=f"synthetic {name}", unit="img", disable=not progress))
             issame = [bool(p[4]) for p in plan]
-            _atomic_write(os.path.join(out_dir, name),
-                          lambda f, j=jpegs, s=issame: pickle.dump((j, s), f, protocol=4))
+            with atomic_write(os.path.join(out_dir, name)) as f:
+                pickle.dump((jpegs, issame), f, protocol=4)
     meta = dict(
         kw, version=VERSION, format="unpg-synthetic-faces", image_size=[SIZE, SIZE],
         num_classes=n_id, num_images=n_id * n_img,
@@ -586,7 +571,7 @@ def generate(out_dir: str, identities: int, images_per_identity: int, *,
     text = json.dumps(meta, indent=1)[:-2] + ',\n "pairs": [\n  ' + \
         ",\n  ".join(json.dumps(p) for p in plan) + "\n ]\n}\n"
     meta["pairs"] = plan
-    _atomic_write(meta_path, lambda f: f.write(text.encode()))
+    atomic_write_text(meta_path, text)
     return meta
 
 

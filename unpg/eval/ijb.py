@@ -18,8 +18,6 @@ Legend: N images, T templates, P pairs, D feature dim, R rows of a tile, C its c
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fileio import atomic_write
 from .features import extract_features
 from .ijb_meta import ONE_N_FILES, IJBMeta, need_file, read_ijb_meta, read_template_subjects
 from .metrics import DEFAULT_FARS, l2_normalize, rank_k_accuracy, tpir_at_fpir, verification_summary
@@ -277,21 +276,6 @@ def image_features(model: nn.Module, meta: IJBMeta, *, variant: str, image_size:
                             desc=f"{meta.benchmark} features", progress=progress)
 
 
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------- benchmark
 def evaluate_ijb(model: nn.Module, cfg, *, device: Union[str, torch.device],
                  weights_hash: Optional[str] = None, workers: Optional[int] = None,
@@ -324,7 +308,8 @@ def evaluate_ijb(model: nn.Module, cfg, *, device: Union[str, torch.device],
                                   batch_size=cfg.batch_size, flip=flip, normalize=cfg.normalize,
                                   device=device, workers=workers, progress=progress)
         if cache is not None:
-            _save_npy_atomic(cache, feats_ND)
+            with atomic_write(cache) as fh:  # a killed run leaves no truncated cache
+                np.save(fh, feats_ND)
     # insightface's use_detector_score: each image feature times its detector score.
     weights_N = meta.det_scores if cfg.score_weighting else None
     uniq_t, feats_TD = aggregate_templates(feats_ND, meta.templates, meta.medias, weights_N)

@@ -5,16 +5,15 @@ warning line (``pip install matplotlib``) and skips the plot.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence, Tuple, Union
 
 import numpy as np
+
+# atomic_write_bytes stays importable from here (it is part of this module's API).
+from ..fileio import atomic_write, atomic_write_bytes, atomic_write_json
 
 __all__ = ["atomic_write_bytes", "format_table", "plot_roc", "to_jsonable", "write_json"]
 
@@ -53,28 +52,9 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_json(path: Union[str, Path], obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically (a reader never sees a half-written file)."""
-    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_json(path, to_jsonable(obj), indent=2, sort_keys=False, allow_nan=False)
 
 
 def plot_roc(curves: Dict[str, Tuple[np.ndarray, np.ndarray]], path: Union[str, Path], *,
@@ -107,16 +87,8 @@ def plot_roc(curves: Dict[str, Tuple[np.ndarray, np.ndarray]], path: Union[str, 
         ax.set_title(title)
         ax.legend(loc="lower right")
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png", dpi=120)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as fh:  # a file object: the format cannot come from its name
+            fig.savefig(fh, format="png", dpi=120)
     finally:
         plt.close(fig)
     return True

@@ -18,7 +18,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unpg.data.align import TEMPLATES, align_face
+from unpg.fileio import atomic_write_bytes as _atomic_write_bytes  # old name; tests use it
 
 __all__ = ["AlignSummary", "KFaceGroup", "align_kface_tree", "iter_kface_groups", "main"]
 
@@ -100,18 +100,6 @@ class AlignSummary:
                 f"(ID, pose) groups, {len(self.failed)} failures in total")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _align_one(src_path: Path, dst_path: Path, landmarks_52: np.ndarray, template: str,
                image_size: int, image: Optional[np.ndarray] = None) -> Optional[str]:
     """Align one image and write it; returns an error string instead of raising."""
@@ -123,8 +111,7 @@ def _align_one(src_path: Path, dst_path: Path, landmarks_52: np.ndarray, templat
     ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
     if not ok:
         return "JPEG encoding failed"
-    dst_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(dst_path, buf.tobytes())
+    _atomic_write_bytes(dst_path, buf.tobytes())  # creates the folder
     return None
 
 

@@ -19,10 +19,8 @@ Prints a table of:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +30,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from unpg.fileio import atomic_write_json
 from unpg.recordio import FaceRecIndex, RecordIOError
 from unpg.tools.image2rec import jpeg_info
 from unpg.tools.rec2image import image_extension
@@ -172,19 +171,6 @@ def format_report(r: Dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m unpg.tools.inspect",
@@ -207,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = inspect_rec(args.rec, verify=args.verify, sample=args.sample, workers=args.workers,
                              progress=not args.no_progress)
         if args.json:
-            _write_json(Path(args.json), report)
+            atomic_write_json(args.json, report, indent=1)
     except (OSError, ValueError) as e:
         print(f"inspect: error: {e}", file=sys.stderr)
         return 2

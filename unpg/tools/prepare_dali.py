@@ -17,7 +17,6 @@ written last, so a folder is complete exactly when its manifest matches its file
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from unpg.fileio import atomic_write_json, atomic_write_text
 from unpg.loaders.dali_layout import DALI_INDEX, FORMAT, MANIFEST, VERSION, shard_names
 from unpg.loaders.decode import DecodeError, strict_cpu_decoder
 from unpg.recordio import FaceRecIndex, IndexedRecordIO, parse_idx, unpack
@@ -69,19 +69,6 @@ def _verify(src: FaceRecIndex, order: np.ndarray, image_size: Tuple[int, int], w
                     bad.append({"key": res[0], "reason": res[1]})
             bar.update(min(_CHUNK, len(order) - lo))
     return bad
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def prepare_dali(rec_dir, out_dir, *, shards: int = 1, seed: int = 0, verify: bool = True,
@@ -130,7 +117,7 @@ def prepare_dali(rec_dir, out_dir, *, shards: int = 1, seed: int = 0, verify: bo
                                "bytes": size})
             base += size
         bar.close()
-        _atomic_text(out / DALI_INDEX, "".join(index_lines))
+        atomic_write_text(out / DALI_INDEX, "".join(index_lines))
         listed = {name for sh in shard_info for name in (sh["rec"], sh["idx"])}
         for stale in list(out.glob("part-*.rec")) + list(out.glob("part-*.idx")):
             if stale.name not in listed:
@@ -141,7 +128,7 @@ def prepare_dali(rec_dir, out_dir, *, shards: int = 1, seed: int = 0, verify: bo
             "image_size": list(image_size), "seed": seed, "verified": bool(verify),
             "shards": shard_info, "dali_index": DALI_INDEX, "skipped": bad,
         }
-        _atomic_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        atomic_write_json(out / MANIFEST, manifest, indent=1)
         return manifest
     finally:
         src.close()

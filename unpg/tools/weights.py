@@ -40,11 +40,11 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
+import io
 import os
 import pickle
 import re
 import sys
-import tempfile
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unpg.fileio import atomic_write, atomic_write_bytes
 from unpg.models import build_backbone, list_models
 
 __all__ = ["FORMATS", "ImportedWeights", "SeedModule", "UnsafeCheckpointError", "export_onnx",
@@ -382,16 +383,8 @@ def import_weights(path: os.PathLike | str, *, model: Optional[str] = None,
 
 def save_atomic(obj: Any, path: os.PathLike | str) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,40 +411,36 @@ def export_onnx(model: nn.Module, path: os.PathLike | str, *, opset: int = 17, b
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if not atol >= 0:
         raise ValueError(f"--atol must be >= 0, got {atol}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval().cpu()
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(b, *INPUT_SHAPE, generator=gen) for b in (batch, batch + 1)]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The TorchScript exporter: needs no onnxscript, and takes dynamic_axes directly. Its
-            # deprecation notice and the tracer's note on the backbones' input-shape check (the
-            # non-batch dims are fixed by design) are noise here: the ORT comparison below checks.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(model, (xs[0],), tmp, input_names=["input"], output_names=["embedding"],
-                              dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
-            onnx.checker.check_model(tmp)
-            sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-            diff, scale = 0.0, 1.0
-            for x in xs:
-                ref = model(x).numpy()
-                got = sess.run(["embedding"], {"input": x.numpy()})[0]
-                if got.shape != ref.shape:
-                    raise ValueError(f"{path}: ONNX output shape {got.shape} != torch's {ref.shape}")
-                diff = max(diff, float(np.abs(got - ref).max()))
-                scale = max(scale, float(np.abs(ref).max()))
-        if not diff <= atol * scale:
-            raise ValueError(f"{path}: ONNX Runtime embeddings differ from torch's by {diff:.3g} "
-                             f"(> --atol {atol:g} x embedding scale {scale:.3g}); nothing written")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Exported and checked in memory (a backbone is far below protobuf's 2 GiB limit for one
+    # serialised model); the file is written, atomically, only once the checks passed.
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter: needs no onnxscript, and takes dynamic_axes directly. Its
+        # deprecation notice and the tracer's note on the backbones' input-shape check (the
+        # non-batch dims are fixed by design) are noise here: the ORT comparison below checks.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(model, (xs[0],), buf, input_names=["input"], output_names=["embedding"],
+                          dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+        data = buf.getvalue()
+        onnx.checker.check_model(data)
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        diff, scale = 0.0, 1.0
+        for x in xs:
+            ref = model(x).numpy()
+            got = sess.run(["embedding"], {"input": x.numpy()})[0]
+            if got.shape != ref.shape:
+                raise ValueError(f"{path}: ONNX output shape {got.shape} != torch's {ref.shape}")
+            diff = max(diff, float(np.abs(got - ref).max()))
+            scale = max(scale, float(np.abs(ref).max()))
+    if not diff <= atol * scale:
+        raise ValueError(f"{path}: ONNX Runtime embeddings differ from torch's by {diff:.3g} "
+                         f"(> --atol {atol:g} x embedding scale {scale:.3g}); nothing written")
+    atomic_write_bytes(path, data)
     return diff, scale
 
 
