@@ -35,6 +35,7 @@ Batch norm keeps per-rank batch statistics (as insightface): a K-process run equ
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -103,7 +104,11 @@ def setup_distributed(device_choice: str = "auto", timeout_min: float = 30.0) ->
 
 
 def teardown_distributed() -> None:
+    """Destroy every process group. Objects that hold a group (DDP's reducer, pending Work,
+    autograd hooks) are collected first: one destroyed after its group, at interpreter exit,
+    can make gloo abort the process ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

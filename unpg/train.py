@@ -94,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from unpg.runtime import tune_cpu_allocator
     from unpg.trainer import NonFiniteLossError, Trainer
 
+    trainer = None
     try:
         try:
             cfg = resolve_config(argv)
@@ -112,6 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  result["global_step"], result["checkpoint"])
         return 0
     finally:
+        trainer = None  # release DDP and its process groups before they are destroyed
         teardown_distributed()
 
 
