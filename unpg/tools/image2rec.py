@@ -28,7 +28,7 @@ Copied JPEGs are not decoded, so a truncated one passes; ``python -m unpg.tools.
 decodes every record. Unreadable files are skipped and counted (``--strict``: an error instead);
 an identity left with no image is dropped and the labels stay contiguous.
 
-The output appears only when complete: it is built in a sibling folder ``REC_DIR.tmp-XXXX`` and
+The output appears only when complete: it is built in a sibling folder ``REC_DIR.tmp-<random>`` and
 renamed at the end (removed on any error). REC_DIR must not exist yet, or be empty.
 """
 from __future__ import annotations

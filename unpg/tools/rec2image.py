@@ -22,7 +22,7 @@ style, key = the image's record key), so a key reported by ``unpg.tools.inspect`
 and ``image2rec --list OUT/train.lst`` reproduces the labels. Top-level files are not classes.
 
 The output appears only when complete: everything is written into a sibling folder
-``OUT.tmp-XXXX`` that is renamed to OUT at the end (and removed on any error). OUT must not
+``OUT.tmp-<random>`` that is renamed to OUT at the end (and removed on any error). OUT must not
 exist yet, or be an empty folder.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def staged_output_dir(out: os.PathLike | str) -> Iterator[Path]:
-    """Yield a fresh sibling folder ``OUT.tmp-XXXX``; rename it to ``out`` on success, delete
+    """Yield a fresh sibling folder ``OUT.tmp-<random>``; rename it to ``out`` on success, delete
     it on any exception, so ``out`` never holds a partial result.
 
     Raises ``FileExistsError`` if ``out`` exists and is not an empty folder.
