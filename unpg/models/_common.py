@@ -57,6 +57,12 @@ def check_input(model: str, x: torch.Tensor) -> None:
         )
 
 
+def prepare_input(model: str, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``check_input`` and, for a ``channels_last`` model, the NHWC copy its convs expect."""
+    check_input(model, x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def body_autocast(x: torch.Tensor, enabled: bool, dtype: torch.dtype) -> ContextManager:
     """Autocast for the convolutional body when the backbone was built with ``fp16=True``.
 

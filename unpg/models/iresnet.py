@@ -20,9 +20,9 @@ from torch import nn
 
 from ._common import (
     body_autocast,
-    check_input,
     check_options,
     float32_head,
+    prepare_input,
     resolve_amp_dtype,
 )
 from .registry import register_model
@@ -132,9 +132,7 @@ class IResNet(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(type(self).__name__, x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare_input(type(self).__name__, x, self.channels_last)
         with body_autocast(x, self.fp16, self.amp_dtype):
             x = self.prelu(self.bn1(self.conv1(x)))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))

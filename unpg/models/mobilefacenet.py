@@ -26,9 +26,9 @@ from torch import nn
 
 from ._common import (
     body_autocast,
-    check_input,
     check_options,
     float32_head,
+    prepare_input,
     resolve_amp_dtype,
 )
 from .registry import register_model
@@ -184,9 +184,7 @@ class MobileFaceNet(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(type(self).__name__, x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare_input(type(self).__name__, x, self.channels_last)
         with body_autocast(x, self.fp16, self.amp_dtype):
             for layer in self.layers:
                 x = layer(x)
