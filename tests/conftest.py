@@ -1,12 +1,11 @@
-"""Shared test fixtures: paths to the read-only data in ../shared and a CUDA skip marker."""
+"""Shared test fixtures: paths to the read-only data in tests/fixtures and a CUDA skip marker."""
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
-FIXTURES_DIR = SHARED_DIR / "fixtures"
-MODELS_DIR = SHARED_DIR / "models"
+FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"  # where each file came from: its README.md
+MODELS_DIR = FIXTURES_DIR / "models"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,12 +21,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    # CI lays ../shared beside the clone; a missing folder is a broken checkout, not a skip.
-    assert FIXTURES_DIR.is_dir(), f"shared fixtures not found at {FIXTURES_DIR}"
+    # The fixtures are part of the repository: a missing folder is a broken checkout, not a skip.
+    assert FIXTURES_DIR.is_dir(), f"test fixtures not found at {FIXTURES_DIR}"
     return FIXTURES_DIR
 
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    assert MODELS_DIR.is_dir(), f"shared models not found at {MODELS_DIR}"
+    assert MODELS_DIR.is_dir(), f"test model weights not found at {MODELS_DIR}"
     return MODELS_DIR
