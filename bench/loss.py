@@ -2,7 +2,7 @@
 
 Implementations (ArcFace s=64 m=0.5, UNPG wisk 1.5 by default, MS1MV2 shape B=512 D=512
 C=85,742):
-  seed     ``unpg.seed_loss.seed_margin_softmax_loss`` (B x (C + |S'|) concatenated logits)
+  seed     ``unpg.official_loss.official_margin_softmax_loss`` (B x (C + |S'|) concatenated logits)
   torch    ``unpg.losses.margin_softmax_loss(backend='torch')`` (decomposed, full B x C tile)
   chunked  ``margin_softmax_loss(backend='chunked')``; while the loss does not accept that
   triton   backend yet, the same decomposition assembled here around
@@ -83,9 +83,9 @@ def _loss_fn(args, impl: str, device) -> Tuple[Callable, str]:
 
     head_kw = dict(unpg_wisk=args.wisk, s=args.s, m=args.m)
     if impl == "seed":
-        from unpg.seed_loss import seed_margin_softmax_loss
+        from unpg.official_loss import official_margin_softmax_loss
 
-        return (lambda e, y, w: seed_margin_softmax_loss(e, y, w, args.head, **head_kw)), "seed"
+        return (lambda e, y, w: official_margin_softmax_loss(e, y, w, args.head, **head_kw)), "seed"
     from unpg.losses import margin_softmax_loss
 
     def via_loss(e, y, w):

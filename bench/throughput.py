@@ -10,9 +10,9 @@ generated once and reused, plus its packed file (ffcv) and prepared shards (DALI
 Measured (every loader with the same ``--workers`` threads/processes; median of ``--passes``
 full epochs after a warm-up):
 
-* ``loader/seed``: what the seed does — a ``DataLoader`` whose workers decode each image with PIL,
+* ``loader/seed``: what the official code does — a ``DataLoader`` whose workers decode each image with PIL,
   resize it to 112 (bicubic), flip it at random and normalise it (ImageNet mean/std) one by one.
-  It reads the JPEG bytes from the same memory-mapped rec (the seed reads image files; reading
+  It reads the JPEG bytes from the same memory-mapped rec (the official code reads image files; reading
   files only adds cost), so the comparison isolates the per-sample decode/transform path.
 * ``loader/torch``, ``loader/ffcv`` (``loader/ffcv_<decoder>`` for other decoders), ``loader/dali``
   (CPU pipeline here): ``unpg.loaders.build_loader`` output, normalised float batches.
@@ -126,7 +126,7 @@ def bench_seed(args, paths) -> float:
     try:
         import PIL  # noqa: F401
     except ImportError:
-        print("PIL not importable: skipping the seed baseline")
+        print("PIL not importable: skipping the official code baseline")
         return float("nan")
     ds = SeedDataset(paths["rec"])
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,

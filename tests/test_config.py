@@ -1,5 +1,5 @@
 """Tests for unpg.config: defaults, every shipped YAML, base: merging, overrides, each kind of
-error message, the save/load round trip, head.params() and the seed values of the paper configs."""
+error message, the save/load round trip, head.params() and the official code values of the paper configs."""
 import math
 import os
 from pathlib import Path

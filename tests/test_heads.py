@@ -48,7 +48,7 @@ def test_arcface_value_and_exact_derivative_match_acos_form():
 
 
 def test_arcface_is_plain_no_easy_margin_or_fallback():
-    # The seed uses plain cos(acos z + m): beyond theta + m > pi the value still is cos(theta + m).
+    # The official code uses plain cos(acos z + m): beyond theta + m > pi the value still is cos(theta + m).
     head = build_head("arcface", s=64.0, m=0.5)
     z = torch.tensor([-0.95, -0.5, 0.0, 0.3], dtype=F64)
     expected = torch.tensor([math.cos(math.acos(v) + 0.5) for v in z.tolist()], dtype=F64)
@@ -93,7 +93,7 @@ def test_magface_norm_gradient_flows_inside_clamp_only():
     norms = torch.tensor([5.0, 35.0, 60.0, 200.0], dtype=F64, requires_grad=True)
     z = torch.tensor([0.4, 0.4, 0.4, 0.4], dtype=F64)
     (g_psi,) = torch.autograd.grad(head.target_logit(z, norms).sum(), norms)
-    assert g_psi[0] == 0 and g_psi[3] == 0  # clamped: like the seed, no gradient outside
+    assert g_psi[0] == 0 and g_psi[3] == 0  # clamped: like the official code, no gradient outside
     # d/da cos(theta + m(a)) = -sin(theta + m(a)) * slope
     slope = 0.35 / 100.0
     for i in (1, 2):

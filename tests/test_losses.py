@@ -1,4 +1,4 @@
-"""margin_softmax_loss (torch backend) against the seed transcription, numpy and hand checks."""
+"""margin_softmax_loss (torch backend) against the official code transcription, numpy and hand checks."""
 import math
 import types
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from unpg.heads import build_head
 from unpg.losses import MarginSoftmaxLoss, margin_softmax_loss
 from unpg.negatives import unpg_logsumexp
-from unpg.seed_loss import seed_margin_softmax_loss
+from unpg.official_loss import official_margin_softmax_loss
 
 F64 = torch.float64
 HEADS = {
@@ -55,8 +55,8 @@ def loss_and_grads(fn, emb, labels, weight, *args, **kwargs):
 
 def assert_matches_seed(emb, labels, weight, head, wisk):
     ours = loss_and_grads(margin_softmax_loss, emb, labels, weight, head, unpg_wisk=wisk, backend="torch", **HEADS[head])
-    seed = loss_and_grads(seed_margin_softmax_loss, emb, labels, weight, head, unpg_wisk=wisk, **HEADS[head])
-    for a, b in zip(ours, seed):
+    official = loss_and_grads(official_margin_softmax_loss, emb, labels, weight, head, unpg_wisk=wisk, **HEADS[head])
+    for a, b in zip(ours, official):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
     return ours

@@ -33,7 +33,7 @@ Flip = Literal["sum", "concat", "none"]
 # Per-channel (mean, std) in 0..255 pixel units, RGB order: normalised = (pixel - mean) / std.
 NORMALIZE_MEAN_STD: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "insightface": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
-    # The seed (torchvision Normalize on [0, 1] tensors) with ImageNet statistics.
+    # The official code (torchvision Normalize on [0, 1] tensors) with ImageNet statistics.
     "imagenet": ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)),
 }
 
@@ -286,7 +286,7 @@ class EvalDataConfig(Section):
                       f"score weighting applies to ijbb/ijbc only, not {self.benchmark!r}")
         self._require(not (self.variant == "seed" and self.score_weighting),
                       ["variant", "score_weighting"],
-                      "the seed's pre-aligned list has no detector scores: "
+                      "the official code's pre-aligned list has no detector scores: "
                       "set score_weighting: false or variant: insightface")
 
     @classmethod

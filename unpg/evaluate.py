@@ -47,7 +47,7 @@ def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise ValueError(
             f"{path}: refused by torch.load(weights_only=True): it pickles Python objects, not "
-            f"only tensors (the seed saves the whole nn.Module as ckpt['backbone']). Re-save it "
+            f"only tensors (the official code saves the whole nn.Module as ckpt['backbone']). Re-save it "
             f"from trusted code as torch.save(module.state_dict(), ...). Detail: {exc}") from exc
     if isinstance(obj, dict) and "backbone" in obj:
         obj = obj["backbone"]
@@ -134,7 +134,7 @@ def format_results(results: Dict[str, object], fars: Sequence[float]) -> List[st
                              + ["AUC (%)"], rows,
                              title=f"verification .bin (flip={results['flip']}), values in %")]
     if bench == "kface":
-        # Four decimals, as the seed prints its K-FACE TAR table.
+        # Four decimals, as the official code prints its K-FACE TAR table.
         rows = [[name] + [_pct(v, 4) for v in r["tar_at_far"].values()]
                 + [_pct(r["auc"]), _pct(r["best_threshold_accuracy"])]
                 for name, r in results["pair_files"].items()]

@@ -5,7 +5,7 @@ A head maps the target cosine ``z_i = x̂_i·ŵ_{y_i}`` of each sample to its ma
 embedding norms (MagFace). Heads work on length-B vectors only, so the B×C cosine matrix never
 passes through them; the non-target columns are untouched cosines (see ``unpg.losses``).
 
-What the seed (github jung-jun-uk/UNPG, ``recognition/models/head.py``, ``magface.py``) does:
+What the official code (github jung-jun-uk/UNPG, ``recognition/models/head.py``, ``magface.py``) does:
 - ArcFace: ``cosine.acos_(); cosine[index] += m_hot; cosine.cos_()`` -- plain
   ``cos(acos z + m)``, with *no* ``th``/``mm`` fallback and *no* easy margin. Our default head is
   therefore plain ``cos(theta + m)``, written ``z·cos m − sqrt(1 − z²)·sin m`` (the same function
@@ -126,7 +126,7 @@ class MagFaceHead(MarginHead):
         self.lambda_g = float(lambda_g)
 
     def magnitude(self, emb_norm_B: torch.Tensor) -> torch.Tensor:
-        """``a = clamp(‖f‖, l_a, u_a)``; like the seed, the gradient passes the clamp (0 outside)."""
+        """``a = clamp(‖f‖, l_a, u_a)``; like the official code, the gradient passes the clamp (0 outside)."""
         return torch.clamp(emb_norm_B, self.l_a, self.u_a)
 
     def margin(self, a_B: torch.Tensor) -> torch.Tensor:
@@ -136,9 +136,9 @@ class MagFaceHead(MarginHead):
 
     def target_logit(self, cos_target_B: torch.Tensor, emb_norm_B: torch.Tensor) -> torch.Tensor:
         m_B = self.margin(self.magnitude(emb_norm_B))
-        cos_B = torch.clamp(cos_target_B, -1.0, 1.0)  # the seed clamps before the sqrt
+        cos_B = torch.clamp(cos_target_B, -1.0, 1.0)  # the official code clamps before the sqrt
         psi_B = _cos_plus_margin(cos_B, torch.cos(m_B), torch.sin(m_B))
-        # Easy margin, as the seed (MagLinear easy_margin=True): keep cos where cos <= 0.
+        # Easy margin, as the official code (MagLinear easy_margin=True): keep cos where cos <= 0.
         return torch.where(cos_B > 0, psi_B, cos_B)
 
     def regularizer(self, emb_norm_B: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ The loss is written as the decomposition the fused kernels use, so that a backen
     U       = logsumexp(s·S')  (UNPG kept negatives, shared by every row; −inf when off/empty)
     loss    = mean_i(logsumexp([ell_i, s·psi_i, U]) − s·psi_i) + head.regularizer(‖emb‖)
 
-This equals the seed's ``cross_entropy(s·[logits, negatives], labels)`` (``unpg.seed_loss``)
+This equals the official code's ``cross_entropy(s·[logits, negatives], labels)`` (``unpg.official_loss``)
 without materialising ``B × (C + |S'|)`` logits.
 
 # B: batch, C: classes, D: embedding dim

@@ -1,6 +1,6 @@
 """UNPG in-batch negative pairs: box-and-whisker filter and their shared log-sum-exp ``U``.
 
-The seed (github jung-jun-uk/UNPG, ``recognition/models/build.py``) takes the strict upper
+The official code (github jung-jun-uk/UNPG, ``recognition/models/build.py``) takes the strict upper
 triangle of ``S = X̂X̂ᵀ`` where labels differ (``convert_label_to_similarity``), sorts it
 ascending, reads ``Q1 = sorted[int(0.25·l)]`` and ``Q3 = sorted[int(0.75·l)]`` (index based, no
 interpolation; ``int(0.25·l) == l // 4`` and ``int(0.75·l) == (3·l) // 4`` exactly for integer
@@ -95,7 +95,7 @@ def unpg_logsumexp(
     # index_select with a tensor index: indexing with a 0-dim tensor would unpack it on the host.
     quart_idx = torch.stack([num_neg // 4, (3 * num_neg) // 4])
     q1, q3 = sorted_P1.index_select(0, quart_idx).unbind(0)
-    # Same arithmetic as the seed, so the bounds agree bit for bit.
+    # Same arithmetic as the official code, so the bounds agree bit for bit.
     iqr = q3 - q1
     lower = q1 - wisk * iqr
     upper = q3 + wisk * iqr

@@ -4,7 +4,7 @@
     python unpg/train.py --config configs/demo.yaml train.max_steps=100     # one process
     python -m unpg.train --config FILE optim.lr=0.05 --resume
 
-Overrides are ``key=value`` with dotted config keys. The seed's flags are shorthands for config
+Overrides are ``key=value`` with dotted config keys. The official code's flags are shorthands for config
 keys: ``--model`` (model.name), ``--head`` (head.name), ``--unpg_wisk W`` (unpg.enabled=true,
 unpg.wisk=W), ``--name`` (train.name), ``--weights`` (model.weights), ``--resume``
 (train.resume=auto); explicit ``key=value`` overrides win over them.
@@ -43,20 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (see configs/); defaults apply without it")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. optim.lr=0.05")
-    seed = p.add_argument_group("seed-compatible shorthands")
-    seed.add_argument("--model", help="model.name (e.g. iresnet-34, iresnet100, mobilefacenet)")
-    seed.add_argument("--head", help="head.name (arcface, cosface, magface, combined)")
-    seed.add_argument("--unpg_wisk", "--unpg-wisk", type=float, metavar="W",
+    official = p.add_argument_group("shorthands of the official code's flags")
+    official.add_argument("--model", help="model.name (e.g. iresnet-34, iresnet100, mobilefacenet)")
+    official.add_argument("--head", help="head.name (arcface, cosface, magface, combined)")
+    official.add_argument("--unpg_wisk", "--unpg-wisk", type=float, metavar="W",
                       help="turn UNPG on with whisker W (unpg.enabled=true unpg.wisk=W)")
-    seed.add_argument("--name", help="train.name (run folder output_dir/name)")
-    seed.add_argument("--weights", help="model.weights: initial backbone weights")
-    seed.add_argument("--resume", action="store_true",
+    official.add_argument("--name", help="train.name (run folder output_dir/name)")
+    official.add_argument("--weights", help="model.weights: initial backbone weights")
+    official.add_argument("--resume", action="store_true",
                       help="train.resume=auto: continue from the run folder's latest checkpoint")
     return p
 
 
 def shorthand_overrides(args: argparse.Namespace) -> List[str]:
-    """The seed-style flags as ``key=value`` overrides (applied before explicit ones)."""
+    """The official code's flags as ``key=value`` overrides (applied before explicit ones)."""
     out: List[str] = []
     if args.model is not None:
         out.append(f"model.name={args.model}")

@@ -88,7 +88,7 @@ def test_reference_points_square_is_reference_plus_8():
     expected = REFERENCE_FACIAL_POINTS_96x112 + np.array([8.0, 0.0])
     got = get_reference_facial_points((112, 112), 0.0, (0, 0), True)
     np.testing.assert_allclose(got, expected, atol=1e-12)
-    # The seed's own settings (inner padding 0.25) take the same early return...
+    # The official code's own settings (inner padding 0.25) take the same early return...
     np.testing.assert_allclose(template_points("seed", 112), expected, atol=1e-12)
     # ...and that is insightface's arcface_dst up to its 4 printed decimals.
     np.testing.assert_allclose(expected, ARCFACE_TEMPLATE_112, atol=1e-4)

@@ -39,7 +39,7 @@ def insightface_kfold_reference(emb1, emb2, issame, n_folds=10):
 
 
 def seed_tar_reference(labels, scores, fars):
-    """The seed's / insightface's reading: sklearn roc_curve, flipud, min over (|fpr-far|, i)."""
+    """The official code's / insightface's reading: sklearn roc_curve, flipud, min over (|fpr-far|, i)."""
     fpr, tpr, _ = sk_roc_curve(labels, scores)
     fpr, tpr = np.flipud(fpr), np.flipud(tpr)
     out = []
@@ -122,7 +122,7 @@ def test_best_threshold_accuracy_matches_the_seed_loop():
     y = rng.random(700) < 0.5
     s = np.round(rng.standard_normal(700) + y, 2)
     best_acc, best_th = 0.0, 0.0
-    for th in s:  # the seed's torch_cal_accuracy, in numpy
+    for th in s:  # the official code's torch_cal_accuracy, in numpy
         acc = np.mean((s >= th) == y)
         if acc > best_acc:
             best_acc, best_th = acc, th
@@ -136,7 +136,7 @@ def test_eer_and_summary_on_a_hand_case():
     fpr, tpr, _ = roc_curve(s, y)
     assert equal_error_rate(fpr, tpr) == pytest.approx(1 / 3)
     summary, (sfpr, stpr) = verification_summary(s, y, fars=[0.34])
-    # Two ROC points sit at FPR 1/3, (1/3, 2/3) and (1/3, 1): the seed's reading takes the
+    # Two ROC points sit at FPR 1/3, (1/3, 2/3) and (1/3, 1): the official code's reading takes the
     # larger TPR.
     assert summary["tar_at_far"] == {"0.34": 1.0}
     assert seed_tar_reference(y, s, [0.34])[0] == 1.0

@@ -7,7 +7,7 @@ pytest-imported test module (importlib mode) is not importable in a child proces
 
 The sharded loss is assembled the way ``unpg.losses`` does it: all_gather_rows -> normalise ->
 (ell, cos_t) from the kernels -> margin psi -> UNPG scalar U on the global batch ->
-``mean(logsumexp(ell, s psi, U) - s psi)``. The reference is the seed's formulation: all B x C
+``mean(logsumexp(ell, s psi, U) - s psi)``. The reference is the official code's formulation: all B x C
 logits with the margin on the target column, the kept negatives appended to every row, one
 cross-entropy.
 """

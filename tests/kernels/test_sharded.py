@@ -107,7 +107,7 @@ def test_world_size_one_equals_unsharded():
     for a, b, c in zip(sharded, fused, separate):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # same code path, bit for bit
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
-    # And the assembled loss equals the seed-style reference in one process.
+    # And the assembled loss equals the official-formulation reference in one process.
     for sc in LIB["SCENARIOS"].values():
         if sc["sample_rate"] < 1.0:
             continue

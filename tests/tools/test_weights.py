@@ -1,4 +1,4 @@
-"""unpg.tools.weights: insightface state dicts, the UNPG seed's whole-module pickles (through the
+"""unpg.tools.weights: insightface state dicts, the official UNPG code's whole-module pickles (through the
 restricted unpickler), refusal of malicious pickles, and ONNX export (skipped without onnx)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 from unpg.models import build_backbone
 from unpg.tools import weights as W
 
-# A seed-style package written into tmp_path: the same module paths and state-dict layout as the
+# A package laid out like the official code written into tmp_path: the same module paths and state-dict layout as the
 # paper code's recognition/models (IResNet with avgpool + in-place dropout attributes, ArcFace,
 # MagFace with MagLinear [D, C] and a numpy scalar in MagLoss, HeadAndLoss, UNPG). Its forward is
 # an independent implementation of IResNet that our imported backbone must reproduce.
@@ -133,7 +133,7 @@ SEED_FILES = {
                 self.criterion = nn.CrossEntropyLoss()
                 self.head_name, self.head_cfg = head_name, {head_name: {'s': 64.0}}
                 if head_name == 'arcface':
-                    # the seed wraps the head in DataParallel on multi-GPU runs and saves it so
+                    # the official code wraps the head in DataParallel on multi-GPU runs and saves it so
                     self.head = nn.DataParallel(ArcFace(in_feature, num_classes, s=64.0, m=0.5))
                 else:
                     self.head = MagFace(in_feature, num_classes)
@@ -168,7 +168,7 @@ def _faces(n: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture()
 def seed_checkpoint(tmp_path):
-    """Build and torch.save a seed-style checkpoint from the fake `models` package, then make
+    """Build and torch.save a checkpoint like the official code's from the fake `models` package, then make
     that package unimportable again. Returns a factory (head_name) -> (path, info)."""
     pkg = tmp_path / "seedpkg"
     for rel, text in SEED_FILES.items():
@@ -189,7 +189,7 @@ def seed_checkpoint(tmp_path):
                 with torch.no_grad():
                     ref = model(x)
             hl = HeadAndLoss(64, 10, head_name, wisk=1.5 if head_name == "arcface" else None)
-            # An optimizer state with momentum buffers, as in the seed's last.pt (lr 0 keeps the
+            # An optimizer state with momentum buffers, as in the official code's last.pt (lr 0 keeps the
             # weights; a few parameters keep the file small; setting .grad skips a backward).
             small = [model.features.bias, model.layer1[0].prelu.weight]
             opt = torch.optim.SGD(small, lr=0.0, momentum=0.9)
@@ -218,7 +218,7 @@ def seed_checkpoint(tmp_path):
 def test_import_seed_checkpoint(seed_checkpoint, tmp_path, head_name):
     # One backbone forward comparison is enough: the MagFace case checks the head and weights.
     path, info = seed_checkpoint(head_name, forward=head_name == "arcface")
-    # The seed's classes are gone: plain torch.load cannot even find them, ours needs none.
+    # The official code's classes are gone: plain torch.load cannot even find them, ours needs none.
     with pytest.raises(ModuleNotFoundError):
         torch.load(path, weights_only=False)
     w = W.import_weights(path)
@@ -226,7 +226,7 @@ def test_import_seed_checkpoint(seed_checkpoint, tmp_path, head_name):
     assert w.meta == {"epoch": 3, "best_acc": 0.75}
     assert list(w.state_dict) == list(info["state"])
     assert all(torch.equal(w.state_dict[k], v) for k, v in info["state"].items())
-    if info["ref"] is not None:  # our IResNet computes what the seed's computes
+    if info["ref"] is not None:  # our IResNet computes what the official code's computes
         with torch.no_grad():
             emb = w.build()(info["x"])
         torch.testing.assert_close(emb, info["ref"], rtol=1e-5, atol=1e-5)

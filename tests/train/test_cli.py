@@ -1,4 +1,4 @@
-"""The entry point: seed-style shorthands, error exits, and a real run of ``unpg/train.py`` /
+"""The entry point: the official code's flag shorthands, error exits, and a real run of ``unpg/train.py`` /
 ``python -m unpg.train`` on a synthetic rec that is stopped by SIGTERM and resumed to the exact
 loss sequence of an uninterrupted run."""
 import json

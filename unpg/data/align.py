@@ -47,9 +47,9 @@ REFERENCE_FACIAL_POINTS_96x112 = np.array(
 )
 DEFAULT_CROP_SIZE = (96, 112)  # (w, h) of REFERENCE_FACIAL_POINTS_96x112
 
-# What the seed's align_kfaces.py passes for its 112x112 crops. With a square default and a
+# What the official code's align_kfaces.py passes for its 112x112 crops. With a square default and a
 # 112x112 output the reference function returns early, so the inner padding is never applied:
-# the seed's template is the 96x112 reference shifted by 8 px in x, i.e. arcface_dst.
+# the official code's template is the 96x112 reference shifted by 8 px in x, i.e. arcface_dst.
 SEED_TEMPLATE_SETTINGS = {"inner_padding_factor": 0.25, "outer_padding": (0, 0), "default_square": True}
 
 TEMPLATES = ("arcface", "seed")

@@ -1,7 +1,7 @@
 """RetinaFace face detector (MobileNet-0.25 backbone) with 5-point landmarks, in plain torch.
 
 Mirrors biubug6/Pytorch_Retinaface (cfg_mnet) so that its released weights, the ones the
-seed uses for K-FACE alignment, load with strict=True. No torchvision: the backbone's
+official code uses for K-FACE alignment, load with strict=True. No torchvision: the backbone's
 intermediate layers are returned directly and NMS is written here.
 """
 # P: prior boxes (anchors), N: detections, A: anchors per feature-map cell, H/W: image size

@@ -5,7 +5,7 @@ releases the GIL while decoding and warping), a bounded number of batches ahead 
 The model runs under ``torch.inference_mode()`` in eval mode (its training flag is restored
 afterwards), with fp16 autocast on CUDA and in float32 on CPU. Flip test: the horizontally
 mirrored batch goes through the model too and the two embeddings are summed (insightface),
-concatenated (the seed) or the flip is skipped.
+concatenated (the official code) or the flip is skipped.
 
 Legend: B batch, H/W image size, D embedding dim.
 """

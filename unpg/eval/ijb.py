@@ -7,7 +7,7 @@ Protocol (insightface's ``ijb_11.py``/``ijb_1n.py``): each loose crop is aligned
 landmarks by the shared ``unpg.data.align.align_face``; features of the image and its mirror
 are summed; optionally multiplied by the detector score; averaged per media inside a template;
 summed per template; L2-normalised; a pair scores the dot product of its two templates.
-``variant: seed`` is the seed's route instead: the pre-aligned images of ``meta/img.list``
+``variant: seed`` is the official code's route instead: the pre-aligned images of ``meta/img.list``
 (same order as face_tid_mid), no flip, no score weighting.
 
 Everything after the features is vectorised: aggregation is one sparse-matrix product; pair
@@ -222,8 +222,8 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _seed_image_paths(root: Path, n_expected: int, names: List[str]) -> List[Path]:
-    """The seed's ``meta/img.list``: one pre-aligned image per line, face_tid_mid order."""
-    list_path = need_file(root / SEED_IMAGE_LIST, "the seed's pre-aligned image list (one image path "
+    """The official code's ``meta/img.list``: one pre-aligned image per line, face_tid_mid order."""
+    list_path = need_file(root / SEED_IMAGE_LIST, "the official code's pre-aligned image list (one image path "
                       "per line, in face_tid_mid order)")
     paths = []
     with open(list_path, encoding="utf-8") as fh:
@@ -232,11 +232,11 @@ def _seed_image_paths(root: Path, n_expected: int, names: List[str]) -> List[Pat
             if not parts:
                 continue
             p = Path(parts[0])
-            # The seed keeps the last two path parts below root (folder/image).
+            # The official code keeps the last two path parts below root (folder/image).
             paths.append(p if p.is_absolute() and p.is_file() else root.joinpath(*p.parts[-2:]))
     if len(paths) != n_expected:
         raise ValueError(f"{list_path}: {len(paths)} images, but face_tid_mid lists {n_expected}; "
-                         f"the seed's list must follow face_tid_mid line by line")
+                         f"the official code's list must follow face_tid_mid line by line")
     mismatched = sum(p.name != n for p, n in zip(paths, names))
     if mismatched:
         warnings.warn(f"{list_path}: {mismatched} file names differ from face_tid_mid's; the "

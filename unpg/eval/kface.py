@@ -1,11 +1,11 @@
-"""K-FACE verification on the seed's test-pair lists (Q1..Q4).
+"""K-FACE verification on the official code's test-pair lists (Q1..Q4).
 
 Each pair file has lines ``ID/Sxxx/Lx/Exx/Cx.jpg ID/Sxxx/Lx/Exx/Cx.jpg label`` (label 1 =
 same person) over an aligned K-FACE tree (``<root>/<ID>/<Sxxx>/<Lx>/<Exx>/<Cx>.jpg``, 112x112
 RetinaFace-aligned crops); pair files are relative to ``root``. Every image referenced by any
 pair file is embedded once; pairs score the cosine similarity of their features (flip per the
-config); each file reports TAR at the configured FARs as the seed prints them (sklearn ROC,
-nearest FPR), plus AUC, EER and the seed's best-threshold accuracy.
+config); each file reports TAR at the configured FARs as the official code prints them (sklearn ROC,
+nearest FPR), plus AUC, EER and the official code's best-threshold accuracy.
 """
 from __future__ import annotations
 

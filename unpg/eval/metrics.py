@@ -4,9 +4,9 @@
   * ``kfold_accuracy``: insightface's LFW protocol (10 contiguous folds, squared-L2 thresholds
     ``arange(0, 4, 0.01)``, first best training threshold applied to the held-out fold).
   * ``roc_curve`` / ``tar_at_far``: sklearn's ``roc_curve`` (``drop_intermediate=True``) read the
-    way the seed and insightface's IJB scripts read it: flip the curve, take the point whose FPR
+    way the official code and insightface's IJB scripts read it: flip the curve, take the point whose FPR
     is nearest the target (ties: the last such point, i.e. the largest TPR at that FPR).
-  * ``best_threshold_accuracy``: the seed's single best threshold on cosine scores
+  * ``best_threshold_accuracy``: the official code's single best threshold on cosine scores
     (``score >= t``, first best candidate in input order), from one sort instead of O(n^2).
   * ``roc_auc``, ``equal_error_rate``.
 1:N identification (open set)
@@ -164,7 +164,7 @@ def roc_curve(scores: Sequence, labels: Sequence) -> Tuple[np.ndarray, np.ndarra
 
 
 def _nearest_fpr_index(fpr: np.ndarray, far: float) -> int:
-    """Index of the point nearest ``far``; ties go to the last one (the seed's flipud + min)."""
+    """Index of the point nearest ``far``; ties go to the last one (the official code's flipud + min)."""
     flipped = np.abs(fpr[::-1] - far)
     return len(fpr) - 1 - int(np.argmin(flipped))
 
@@ -173,7 +173,7 @@ def tar_at_far(scores: Sequence, labels: Sequence, fars: Sequence[float] = DEFAU
                roc: Tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """TAR (as a fraction) at the ROC point whose FPR is nearest each target FAR.
 
-    Reads the curve as insightface's IJB scripts and the seed do (``roc_curve``, flip,
+    Reads the curve as insightface's IJB scripts and the official code do (``roc_curve``, flip,
     ``argmin |fpr - far|``). Pass ``roc`` (from ``roc_curve``) to reuse an existing curve.
     """
     fpr, tpr, _ = roc_curve(scores, labels) if roc is None else roc
@@ -210,14 +210,14 @@ def _best_threshold_from_sorted(s_N: np.ndarray, order_N: np.ndarray, s_asc: np.
     neg_ge = (n - first_asc) - pos_ge
     correct_asc = pos_ge + (n - n_pos - neg_ge)
     best = int(correct_asc.max())
-    first_input = int(order_N[correct_asc == best].min())  # the seed keeps the first best
+    first_input = int(order_N[correct_asc == best].min())  # the official code keeps the first best
     return best / n, float(s_N[first_input])
 
 
 def best_threshold_accuracy(scores: Sequence, labels: Sequence) -> Tuple[float, float]:
-    """The seed's accuracy at its single best threshold: returns (accuracy, threshold).
+    """The official code's accuracy at its single best threshold: returns (accuracy, threshold).
 
-    Candidates are the scores themselves; "same" when ``score >= threshold``; the seed keeps the
+    Candidates are the scores themselves; "same" when ``score >= threshold``; the official code keeps the
     first candidate (in input order) that strictly improves, i.e. the first best one. One sort.
     """
     s_N, y_N, order_N = _sort_scores(scores, labels)

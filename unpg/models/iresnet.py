@@ -177,7 +177,7 @@ def iresnet50(embedding_size: int = 512, dropout: float = 0.0, channels_last: bo
 def iresnet100(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = False,
                fp16: bool = False, amp_dtype: str | torch.dtype = "float16",
                zero_init_residual: bool = False) -> IResNet:
-    """IResNet-100, blocks (3, 13, 30, 3): 65.2M parameters at 512-d (the seed's backbone)."""
+    """IResNet-100, blocks (3, 13, 30, 3): 65.2M parameters at 512-d (the official code's backbone)."""
     return IResNet((3, 13, 30, 3), embedding_size=embedding_size, dropout=dropout,
                    channels_last=channels_last, fp16=fp16, amp_dtype=amp_dtype,
                    zero_init_residual=zero_init_residual)

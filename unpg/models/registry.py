@@ -3,7 +3,7 @@
 Builders register themselves with ``@register_model`` under their function ``__name__``;
 ``build_backbone(name, **kwargs)`` looks a name up and calls the builder. Lookup is forgiving
 about spelling the way configs in the wild spell names: case, ``-``, ``_`` and spaces are
-ignored (the seed's ``iresnet-34`` is ``iresnet34``), and insightface's arcface_torch short
+ignored (the official code's ``iresnet-34`` is ``iresnet34``), and insightface's arcface_torch short
 names (``r100``, ``mbf``) are accepted as aliases.
 """
 from __future__ import annotations

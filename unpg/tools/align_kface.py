@@ -1,10 +1,10 @@
 """Detect and align K-FACE into 112x112 crops, keeping the dataset's relative paths.
 
 K-FACE is laid out as ID/Sxxx/Ly/Ezz/Cp.jpg (400 IDs, accessories S001-S006, lux L1-L30,
-expressions E01-E03, poses C1-C20). As the seed's align_kfaces.py does, landmarks are
+expressions E01-E03, poses C1-C20). As the official code's align_kfaces.py does, landmarks are
 detected once per (ID, pose) on S001/L1/E01/Cp.jpg, where the face is plain and well lit,
 and the same warp is applied to every accessory, light and expression of that ID and pose
-(the seed assumes the head keeps its place across them). The highest-scoring face is used.
+(the official code assumes the head keeps its place across them). The highest-scoring face is used.
 
     python -m unpg.tools.align_kface --src K-FACE/High --dst kface_112 \
         --detector-weights retinaface_mobilenet0.25.pth [--device cuda] [--template seed]
@@ -167,7 +167,7 @@ def align_kface_tree(
                 summary.failed.append((group.anchor, f"no face found; {len(todo)} images not aligned"))
                 bar.update(len(todo))
                 continue
-            lmk_52 = np.asarray(landmarks_N52[0], dtype=np.float64)  # highest score, as the seed
+            lmk_52 = np.asarray(landmarks_N52[0], dtype=np.float64)  # highest score, as the official code
 
             def job(rel: str, lmk_52=lmk_52, anchor=anchor, group=group) -> Tuple[str, Optional[str]]:
                 img = anchor if rel == group.anchor else None
@@ -196,11 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RetinaFace MobileNet-0.25 state dict (retinaface_mobilenet0.25.pth)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--template", default="seed", choices=TEMPLATES,
-                   help="5-point template: the seed's face.evoLVe reference or insightface's "
+                   help="5-point template: the official code's face.evoLVe reference or insightface's "
                         "arcface_dst (identical at 112x112; default: seed)")
     p.add_argument("--image-size", type=int, default=112, help="output side in pixels (default: 112)")
     p.add_argument("--conf-threshold", type=float, default=0.9,
-                   help="detector score threshold (default: 0.9, the seed's)")
+                   help="detector score threshold (default: 0.9, the official code's)")
     p.add_argument("--max-size", type=int, default=None,
                    help="shrink images whose longer side exceeds this before detection (default: off)")
     p.add_argument("--workers", type=int, default=4, help="threads for read/warp/write (default: 4)")

@@ -5,7 +5,7 @@
 
 Input:
   --images DIR   every sub-folder of DIR is one identity; ``sorted()`` folder names give labels
-                 0..N-1 (as the seed's loader and torchvision's ImageFolder do). Images are all
+                 0..N-1 (as the official code's loader and torchvision's ImageFolder do). Images are all
                  files with an image extension anywhere below the identity folder (so aligned
                  K-FACE trees ID/Sxxx/Ly/Ezz/Cp.jpg work), in ``sorted()`` relative-path order.
                  Files directly in DIR are ignored.

@@ -3,17 +3,17 @@
     python -m unpg.tools.rec2image --rec faces_emore --out ms1mv2_images [--limit N]
         [--naming padded|insightface]
 
-Each record's image bytes are written exactly as stored: no decode/re-encode (the seed's
+Each record's image bytes are written exactly as stored: no decode/re-encode (the official code's
 ``detection/rec2image.py`` decodes with MXNet and re-encodes with ``cv2.imwrite``, which loses
 quality and changes every byte), and no MXNet.
 
 Naming (``--naming``):
   padded (default)   ``OUT/<label>/<n>.jpg``; the class label and the image's index within its
                      class are zero-padded to a common width (``00042/007.jpg``), so a plain
-                     ``sorted()`` of the names -- what the seed's loader, torchvision's
+                     ``sorted()`` of the names -- what the official code's loader, torchvision's
                      ImageFolder and ``unpg.tools.image2rec`` do -- gives back labels 0..N-1 and
                      the rec's image order. ``image2rec --images OUT`` rebuilds the same rec.
-  insightface        ``OUT/0_<identity key>/<n>.jpg``, unpadded, as insightface's and the seed's
+  insightface        ``OUT/0_<identity key>/<n>.jpg``, unpadded, as insightface's and the official code's
                      rec2image.py name them (``<identity key>`` is the key of the class's identity
                      record; for a rec without identity records, the label).
 
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write only the first N images in key order (a quick preview)")
     p.add_argument("--naming", choices=NAMINGS, default="padded",
                    help="padded: OUT/00042/007.jpg (sorted names give labels 0..N-1 back); "
-                        "insightface: OUT/0_<identity key>/7.jpg as insightface's/the seed's script")
+                        "insightface: OUT/0_<identity key>/7.jpg as insightface's/the official code's script")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -18,16 +18,16 @@ The backbone name is inferred when ``--model`` is not given: the embedding size 
 ``fc.weight`` (or the last 2-D weight); an IResNet is named by its blocks per stage counted from
 the keys (``layer3.0`` .. ``layer3.29``: iresnet100), another backbone by matching the keys and
 shapes of each registered one. The state dict must load with ``strict=True``; the output is a plain float32
-state dict that ``torch.load(weights_only=True)`` reads, written atomically. The seed's class
+state dict that ``torch.load(weights_only=True)`` reads, written atomically. The official code's class
 centres (the head's weight, C x D) go to a separate file ``{'head', 'weight', <head params>}``.
 
 Restricted unpickler: ``find_class`` admits only torch's tensor/storage rebuild helpers, dtypes,
 ``torch.Size``/``torch.device``, ``collections.OrderedDict``, ``set``, ``_codecs.encode`` and numpy
 scalar/array reconstruction (what ``weights_only`` admits too), a fixed list of ``torch.nn`` layer
-classes, and the seed's own classes (``models.iresnet.IResNet``/``IBasicBlock``,
+classes, and the official code's own classes (``models.iresnet.IResNet``/``IBasicBlock``,
 ``models.head.ArcFace``/``CosFace``/``UNPG``, ``models.magface.MagFace``/``MagLinear``/``MagLoss``,
 ``models.build.HeadAndLoss``), which become stand-in ``nn.Module`` s that only hold the pickled
-state (no seed code runs). Any other global, e.g. ``os.system`` or ``builtins.eval``, raises
+state (none of the official code runs). Any other global, e.g. ``os.system`` or ``builtins.eval``, raises
 ``UnsafeCheckpointError`` naming the global and the file, before anything is called.
 
 ONNX export needs the optional packages ``onnx`` and ``onnxruntime`` (``pip install unpg[onnx]``):
@@ -65,7 +65,7 @@ FORMATS = ("auto", "state_dict", "seed")
 INPUT_SHAPE = (3, 112, 112)
 
 # ----------------------------------------------------------------------------------------------
-# Restricted unpickling of the seed's whole-module checkpoints
+# Restricted unpickling of the official code's whole-module checkpoints
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -73,7 +73,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 
 class SeedModule(nn.Module):
-    """Stand-in for one of the seed's module classes: holds the pickled state (parameters,
+    """Stand-in for one of the official code's module classes: holds the pickled state (parameters,
     buffers, sub-modules, plain attributes) so ``state_dict()`` works; runs none of its code."""
 
     seed_class = ""  # e.g. "models.iresnet.IResNet"
@@ -119,7 +119,7 @@ _ALLOWED: Dict[Tuple[str, str], Any] = {
     ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
-    ("torch.nn.parallel.data_parallel", "DataParallel"): nn.DataParallel,  # the seed's head wrapper
+    ("torch.nn.parallel.data_parallel", "DataParallel"): nn.DataParallel,  # the official code's head wrapper
     ("numpy", "dtype"): np.dtype,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy.core.multiarray", "scalar"): _numpy_core().multiarray.scalar,
@@ -144,7 +144,7 @@ def _resolve_global(module: str, name: str, source: str) -> Any:
             return obj
     raise UnsafeCheckpointError(
         f"{source}: refusing to unpickle global '{module}.{name}': not on the allow-list of "
-        "weight imports (torch tensors/storages, torch.nn layers, the UNPG seed's model classes). "
+        "weight imports (torch tensors/storages, torch.nn layers, the official UNPG code's model classes). "
         "The file may be malicious, or written by an unsupported trainer; if you trust it, load "
         "it with its own code and re-save `model.state_dict()`.")
 
@@ -183,7 +183,7 @@ class ImportedWeights:
     embedding_size: int
     source_format: str  # 'state_dict' or 'seed'
     head: Optional[Dict[str, Any]] = None  # {'head', 'weight' [C, D], params...} (seed only)
-    meta: Dict[str, Any] = field(default_factory=dict)  # e.g. the seed's epoch, best_acc
+    meta: Dict[str, Any] = field(default_factory=dict)  # e.g. the official code's epoch, best_acc
 
     def build(self) -> nn.Module:
         """The backbone with these weights, in eval mode."""
@@ -203,7 +203,7 @@ def _clean_state_dict(sd: Mapping[str, torch.Tensor]) -> "collections.OrderedDic
     out = collections.OrderedDict()
     for k, v in sd.items():
         v = v.detach()
-        # The seed trained under AMP and called .float() before use; store float32 like it.
+        # The official code trained under AMP and called .float() before use; store float32 like it.
         out[k[len(strip):]] = (v.float() if v.is_floating_point() else v).contiguous().clone()
     return out
 
@@ -294,7 +294,7 @@ def _number(obj: Any, key: str) -> Optional[float]:
 
 
 def _seed_head(head_and_loss: Any) -> Optional[Dict[str, Any]]:
-    """{'head', 'weight' [C, D] float32, params...} from the seed's HeadAndLoss, or None."""
+    """{'head', 'weight' [C, D] float32, params...} from the official code's HeadAndLoss, or None."""
     hl = _unwrap(head_and_loss)
     if not isinstance(hl, nn.Module):
         return None
@@ -316,14 +316,14 @@ def _seed_head(head_and_loss: Any) -> Optional[Dict[str, Any]]:
         v = _number(head, p)
         if v is not None:
             out[p] = v
-    wisk = _number(hl, "wisk")  # set only when the seed trained with UNPG
+    wisk = _number(hl, "wisk")  # set only when the official code trained with UNPG
     if wisk is not None:
         out["unpg_wisk"] = wisk
     return out
 
 
 def _backbone_from_seed(obj: Any, source: str) -> Tuple[Any, Optional[Dict[str, Any]], Dict[str, Any]]:
-    """(backbone module or state dict, head dict, meta) from a restricted-loaded seed object."""
+    """(backbone module or state dict, head dict, meta) from a restricted-loaded official-code object."""
     if isinstance(obj, nn.Module):
         return _unwrap(obj), None, {}
     if not isinstance(obj, Mapping):
@@ -352,7 +352,7 @@ def _state_dict_from(obj: Any, source: str) -> Mapping[str, torch.Tensor]:
 
 def import_weights(path: os.PathLike | str, *, model: Optional[str] = None,
                    fmt: str = "auto") -> ImportedWeights:
-    """Read insightface/arcface_torch or seed weights from ``path`` (see the module docstring),
+    """Read insightface/arcface_torch or official-code weights from ``path`` (see the module docstring),
     infer the backbone unless ``model`` is given, and verify a strict load."""
     source = os.fspath(path)
     if fmt not in FORMATS:
@@ -367,8 +367,8 @@ def import_weights(path: os.PathLike | str, *, model: Optional[str] = None,
         except pickle.UnpicklingError:
             if fmt == "state_dict":
                 raise ValueError(f"{source}: not a plain state dict (torch.load(weights_only=True) "
-                                 "refuses it); for the UNPG seed's checkpoints use --format seed") from None
-    if obj is None:  # the seed's whole-module pickle (or a refused global, raised from here)
+                                 "refuses it); for the official UNPG code's checkpoints use --format seed") from None
+    if obj is None:  # the official code's whole-module pickle (or a refused global, raised from here)
         obj, used = load_restricted(source), "seed"
         if not _is_state_dict(obj):
             obj, head, meta = _backbone_from_seed(obj, source)
@@ -454,25 +454,25 @@ def _default_head_path(out: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unpg.tools.weights",
-                                description="Import insightface / UNPG-seed weights as plain state "
+                                description="Import insightface / official UNPG weights as plain state "
                                             "dicts of our backbones, or export a backbone to ONNX.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("src", help="weights: insightface backbone.pth, arcface_torch checkpoint, "
-                                    "the UNPG seed's last.pt/best.pt, or our own state dict")
+                                    "the official UNPG code's last.pt/best.pt, or our own state dict")
         sp.add_argument("--model", help=f"backbone name (default: inferred); one of {', '.join(list_models())}")
         sp.add_argument("--format", choices=FORMATS, default="auto",
                         help="state_dict (weights_only torch.load), seed (restricted unpickler), "
                              "auto: state_dict, then seed")
 
-    imp = sub.add_parser("import", help="write a verified plain state dict (and the seed's head)")
+    imp = sub.add_parser("import", help="write a verified plain state dict (and the official code's head)")
     common(imp)
     imp.add_argument("--out", required=True, help="output state dict (.pth)")
     head = imp.add_mutually_exclusive_group()
-    head.add_argument("--head-out", help="where to write the seed's class centres "
+    head.add_argument("--head-out", help="where to write the official code's class centres "
                                          "(default: OUT with .head before the suffix)")
-    head.add_argument("--no-head", action="store_true", help="do not write the seed's head")
+    head.add_argument("--no-head", action="store_true", help="do not write the official code's head")
 
     exp = sub.add_parser("export", help="export to ONNX (dynamic batch) and check with ONNX Runtime")
     common(exp)

@@ -1,7 +1,7 @@
-"""Transcription of the seed's loss (github jung-jun-uk/UNPG): test oracle and benchmark baseline.
+"""Transcription of the official code's loss (github jung-jun-uk/UNPG): test oracle and benchmark baseline.
 
 Written on purpose without ``unpg.heads`` / ``unpg.negatives`` so that it checks them
-independently. It follows the seed's formulation step by step:
+independently. It follows the official code's formulation step by step:
 
 - ``models/head.py``: cosine logits ``F.linear(normalize(x), normalize(W))`` for all B×C; ArcFace
   ``acos`` of the whole matrix, ``+ m`` on the target column, ``cos`` (no th/mm fallback, no easy
@@ -9,11 +9,11 @@ independently. It follows the seed's formulation step by step:
 - ``models/magface.py``: ``x_norm = ‖x‖.clamp(l_a, u_a)``, ``cos`` clamped to [-1, 1],
   ``cos·cos m − sqrt(1 − cos²)·sin m``, easy margin ``where(cos > 0, cos_m, cos)`` on the target
   column only, and ``lambda_g·mean(x_norm/u_a² + 1/x_norm)`` added to the loss.
-- combined (insightface's general form; not in the seed): ``cos(m1·acos z + m2) − m3``.
+- combined (insightface's general form; not in the official code): ``cos(m1·acos z + m2) − m3``.
 - ``models/build.py``: ``convert_label_to_similarity`` (strict upper triangle of X̂X̂ᵀ where labels
   differ, boolean-mask selected), ``box_and_whisker_algorithm`` (sort, ``int(0.25·l)``,
   ``int(0.75·l)``, closed interval), and ``UNPG.forward``: the kept negatives are concatenated
-  onto every row and one ``cross_entropy(s·[logits, negatives], labels)`` is taken. The seed
+  onto every row and one ``cross_entropy(s·[logits, negatives], labels)`` is taken. The official code
   crashes on an empty negative set; here an empty set adds nothing (as DESIGN.md states).
 
 Host syncs (boolean-mask indexing) are fine here: this is the slow, literal baseline.
@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["seed_box_and_whisker", "seed_margin_softmax_loss", "seed_negative_similarities"]
+__all__ = ["seed_box_and_whisker", "official_margin_softmax_loss", "seed_negative_similarities"]
 
 _SEED_PARAMS = {
     "arcface": ("s", "m"),
@@ -38,7 +38,7 @@ _SEED_PARAMS = {
 
 
 def seed_negative_similarities(normed_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-    """The seed's ``convert_label_to_similarity`` (negative half): upper-triangle, labels differ."""
+    """The official code's ``convert_label_to_similarity`` (negative half): upper-triangle, labels differ."""
     similarity = normed_BD @ normed_BD.transpose(1, 0)
     label_matrix = labels_B.unsqueeze(1) == labels_B.unsqueeze(0)
     negative_matrix = label_matrix.logical_not().triu(diagonal=1)
@@ -46,7 +46,7 @@ def seed_negative_similarities(normed_BD: torch.Tensor, labels_B: torch.Tensor) 
 
 
 def seed_box_and_whisker(similarities: torch.Tensor, wisk: float) -> torch.Tensor:
-    """The seed's ``box_and_whisker_algorithm``; empty in, empty out (the seed would crash)."""
+    """The official code's ``box_and_whisker_algorithm``; empty in, empty out (the official code would crash)."""
     count = similarities.size(0)
     if count == 0:
         return similarities
@@ -60,7 +60,7 @@ def seed_box_and_whisker(similarities: torch.Tensor, wisk: float) -> torch.Tenso
     return sorted_x[mask]
 
 
-def seed_margin_softmax_loss(
+def official_margin_softmax_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
     weight: torch.Tensor,
@@ -69,13 +69,13 @@ def seed_margin_softmax_loss(
     unpg_wisk: Optional[float] = None,
     **head_params: Any,
 ) -> torch.Tensor:
-    """Seed formulation of the margin-softmax (+UNPG) loss; same contract as
+    """Official formulation of the margin-softmax (+UNPG) loss; same contract as
     ``unpg.losses.margin_softmax_loss`` (``embeddings [B, D]``, ``labels [B]``, ``weight [C, D]``,
-    unnormalised). ``arcface_grad`` is accepted only as ``'exact'``: the seed has no other."""
+    unnormalised). ``arcface_grad`` is accepted only as ``'exact'``: the official code has no other."""
     if head not in _SEED_PARAMS:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(_SEED_PARAMS)}")
     if head == "arcface" and head_params.pop("arcface_grad", "exact") != "exact":
-        raise ValueError("the seed's ArcFace has only the exact gradient (arcface_grad='exact')")
+        raise ValueError("the official code's ArcFace has only the exact gradient (arcface_grad='exact')")
     expected = set(_SEED_PARAMS[head])
     if set(head_params) != expected:
         raise ValueError(
