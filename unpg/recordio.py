@@ -44,8 +44,25 @@ class RecordIOError(ValueError):
     """Malformed or inconsistent RecordIO input; the message names the file, key and byte offset."""
 
 
+class CorruptRecordError(RecordIOError):
+    """One record is damaged (bad magic, impossible length, broken multi-part chain, short or
+    inconsistent IRHeader) while the rest of the file stays readable. Readers treat it like an
+    undecodable image (skip or stop, per their policy). `path`, `key` and `offset` name it."""
+
+    def __init__(self, path: str, key, offset, what: str):
+        super().__init__(f"{path}: key {key}, byte offset {offset}: {what}")
+        self.path, self.key, self.offset, self.reason = path, key, offset, what
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return (type(self), (self.path, self.key, self.offset, self.reason))
+
+
 def _err(path: str, key, offset, what: str) -> RecordIOError:
     return RecordIOError(f"{path}: key {key}, byte offset {offset}: {what}")
+
+
+def _corrupt(path: str, key, offset, what: str) -> CorruptRecordError:
+    return CorruptRecordError(path, key, offset, what)
 
 
 def pack(header, data: bytes) -> bytes:
@@ -235,20 +252,20 @@ class IndexedRecordIO:
         while True:
             where = f" (in the multi-part record starting at byte offset {offset})" if parts else ""
             if pos < 0 or pos >= size:
-                raise _err(self.rec_path, key, pos, f"offset is past the end of the file ({size} bytes){where}")
+                raise _corrupt(self.rec_path, key, pos, f"offset is past the end of the file ({size} bytes){where}")
             if pos + 8 > size:
-                raise _err(self.rec_path, key, pos, f"truncated file: record header cut off at {size} bytes{where}")
+                raise _corrupt(self.rec_path, key, pos, f"truncated file: record header cut off at {size} bytes{where}")
             magic, lrec = _HEAD.unpack_from(buf, pos)
             if magic != MAGIC:
-                raise _err(self.rec_path, key, pos, f"bad magic 0x{magic:08x}, expected 0x{MAGIC:08x}: the .idx "
+                raise _corrupt(self.rec_path, key, pos, f"bad magic 0x{magic:08x}, expected 0x{MAGIC:08x}: the .idx "
                            f"does not point at a record or the file is corrupt{where}")
             cflag, length = lrec >> 29, lrec & _LEN_MASK
             end = pos + 8 + length
             if end + (-length % 4) > size:
-                raise _err(self.rec_path, key, pos, f"record length {length} runs past the end of the "
+                raise _corrupt(self.rec_path, key, pos, f"record length {length} runs past the end of the "
                            f"file ({size} bytes): truncated or corrupt{where}")
             if cflag not in ((2, 3) if parts else (0, 1)):
-                raise _err(self.rec_path, key, pos, f"malformed multi-part record: part with cflag {cflag} "
+                raise _corrupt(self.rec_path, key, pos, f"malformed multi-part record: part with cflag {cflag} "
                            + (f"after a cflag 1/2 part{where}" if parts else "does not start a record"))
             parts.append(buf[pos + 8:end])
             pos = end + (-length % 4)
@@ -364,7 +381,7 @@ def _unpack_key(rec: IndexedRecordIO, key) -> Tuple[IRHeader, bytes]:
     try:
         return unpack(payload)
     except RecordIOError as e:
-        raise _err(rec.rec_path, key, rec.offset_of(key), str(e)) from None
+        raise _corrupt(rec.rec_path, key, rec.offset_of(key), str(e)) from None
 
 
 def _header_labels(rec: IndexedRecordIO, positions: np.ndarray) -> np.ndarray:
@@ -492,7 +509,7 @@ class FaceRecIndex:
         header, jpeg = self.read_key(key)
         label = header.label if header.flag == 0 else float(header.label[0])
         if label != self.labels[i]:
-            raise _err(self.rec.rec_path, key, self.rec.offset_of(key),
+            raise _corrupt(self.rec.rec_path, key, self.rec.offset_of(key),
                        f"header label {label} disagrees with the index label {int(self.labels[i])}")
         return int(self.labels[i]), jpeg
 
