@@ -97,7 +97,7 @@ def test_rec2image_error_midway_leaves_nothing(fixtures_dir, tmp_path, monkeypat
     # An existing non-empty output is refused and left alone.
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=str(out)):
+    with pytest.raises(ValueError, match=str(out)):
         r2i.rec_to_images(fixtures_dir / "ms1m_tiny", out, progress=False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 

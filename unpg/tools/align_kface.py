@@ -10,7 +10,9 @@ and the same warp is applied to every accessory, light and expression of that ID
         --detector-weights retinaface_mobilenet0.25.pth [--device cuda] [--template seed]
 
 Resumable: existing outputs are kept, each output is written under a temporary name and
-renamed. Groups whose anchor image has no face are listed in DST/failed.txt.
+renamed. Groups whose anchor image has no face are listed in DST/failed.txt. DST must be new,
+empty, or an earlier align_kface output (its ``unpg_manifest.json`` says so, which is how a run
+resumes); ``--force`` clears any other non-empty DST first. DST is checked before any work.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 from unpg.data.align import TEMPLATES, align_face
 from unpg.fileio import atomic_write_bytes as _atomic_write_bytes  # old name; tests use it
+from unpg.fileio import claim_output_dir
 
 __all__ = ["AlignSummary", "KFaceGroup", "align_kface_tree", "iter_kface_groups", "main"]
 
@@ -125,6 +128,7 @@ def align_kface_tree(
     workers: int = 4,
     progress: bool = True,
     groups: Optional[Sequence[KFaceGroup]] = None,
+    force: bool = False,
 ) -> AlignSummary:
     """Align every K-FACE image under `src` into `dst` (same relative paths).
 
@@ -138,7 +142,7 @@ def align_kface_tree(
     groups = iter_kface_groups(src_root) if groups is None else list(groups)
     if not groups:
         raise ValueError(f"--src {src_root} holds no K-FACE images (expected ID/S001/L1/E01/C1.jpg)")
-    dst_root.mkdir(parents=True, exist_ok=True)
+    claim_dst(dst_root, force)
     summary = AlignSummary()
     total = sum(len(g.members) for g in groups)
     bar = tqdm(total=total, unit="img", desc="align K-FACE", disable=not progress)
@@ -185,13 +189,23 @@ def align_kface_tree(
     return summary
 
 
+def claim_dst(dst: os.PathLike, force: bool = False) -> Path:
+    """Make ``dst`` align_kface's output (see the module doc); ``OutputError`` otherwise."""
+    # A folder with failed.txt was written by align_kface before folders carried a manifest.
+    return claim_output_dir(dst, "align_kface", force=force, option="--dst",
+                            ours=lambda p: (p / "failed.txt").is_file())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m unpg.tools.align_kface",
         description="Detect (RetinaFace, once per ID and pose) and align K-FACE to 112x112 crops.",
     )
     p.add_argument("--src", required=True, help="K-FACE root holding ID/S001/L1/E01/C1.jpg ...")
-    p.add_argument("--dst", required=True, help="output root; same relative paths, JPEG 112x112")
+    p.add_argument("--dst", required=True, help="output root; same relative paths, JPEG 112x112 "
+                                                "(new, empty, or an earlier align_kface output: resumed)")
+    p.add_argument("--force", action="store_true",
+                   help="clear a non-empty --dst not written by align_kface")
     p.add_argument("--detector-weights", required=True,
                    help="RetinaFace MobileNet-0.25 state dict (retinaface_mobilenet0.25.pth)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -214,10 +228,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from unpg.data.detect import RetinaFaceDetector  # torch import only when the CLI runs
 
     try:
+        if not Path(args.src).is_dir():
+            raise FileNotFoundError(f"--src {args.src} is not a folder (expected the K-FACE root)")
+        claim_dst(args.dst, args.force)  # before loading the detector: fail fast
         detector = RetinaFaceDetector(args.detector_weights, device=args.device,
                                     conf_threshold=args.conf_threshold, max_size=args.max_size)
         summary = align_kface_tree(args.src, args.dst, detector, template=args.template,
-                                   image_size=args.image_size, workers=args.workers)
+                                   image_size=args.image_size, workers=args.workers,
+                                   force=args.force)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -29,7 +29,9 @@ decodes every record. Unreadable files are skipped and counted (``--strict``: an
 an identity left with no image is dropped and the labels stay contiguous.
 
 The output appears only when complete: it is built in a sibling folder ``REC_DIR.tmp-<random>`` and
-renamed at the end (removed on any error). REC_DIR must not exist yet, or be empty.
+renamed at the end (removed on any error). REC_DIR must not exist yet, be empty, or be an earlier
+image2rec output (its ``unpg_manifest.json`` says so), which is replaced; ``--force`` replaces any
+other folder.
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from unpg.fileio import staged_output_dir
 from unpg.recordio import FaceRecWriter
-from unpg.tools.rec2image import staged_output_dir
 
 __all__ = ["IMAGE_EXTENSIONS", "Image2RecSummary", "collect_folder", "encode_face", "images_to_rec",
            "jpeg_info", "main", "read_list"]
@@ -225,7 +227,8 @@ class Image2RecSummary:
 
 def images_to_rec(items: Sequence[Tuple[Path, int]], class_names: Sequence[str],
                   out: os.PathLike | str, *, size: int = 112, quality: int = 95,
-                  strict: bool = False, workers: int = 4, progress: bool = True) -> Image2RecSummary:
+                  strict: bool = False, workers: int = 4, progress: bool = True,
+                  force: bool = False) -> Image2RecSummary:
     """Write ``items`` ([(path, class index)] sorted by class index) as an insightface rec in
     ``out``; labels are renumbered densely over the classes that keep at least one image."""
     if size < 1:
@@ -235,7 +238,7 @@ def images_to_rec(items: Sequence[Tuple[Path, int]], class_names: Sequence[str],
     if any(b[1] < a[1] for a, b in zip(items, items[1:])):
         raise ValueError("images_to_rec: items must be sorted by class index")
     s = Image2RecSummary()
-    with staged_output_dir(out) as tmp:
+    with staged_output_dir(out, "image2rec", force=force) as tmp:
         writer = FaceRecWriter(tmp, (size, size))
         results = _ordered_map(lambda it: _load(it[0], size, quality), items, workers)
         try:
@@ -286,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--list", help="list file: 'path label' lines, or .lst 'index<TAB>label<TAB>path'")
     p.add_argument("--root", help="folder that relative paths in --list are under "
                                   "(default: the list file's folder)")
-    p.add_argument("--out", required=True, help="output rec folder; must not exist (or be empty)")
+    p.add_argument("--out", required=True,
+                   help="output rec folder: new, empty or an earlier image2rec output")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out not written by image2rec")
     p.add_argument("--size", type=int, default=112, help="output images are SIZE x SIZE (default 112)")
     p.add_argument("--quality", type=int, default=95,
                    help="JPEG quality for re-encoded images (default 95, as insightface)")
@@ -306,7 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         items, names = collect_folder(args.images) if args.images else read_list(args.list, args.root)
         s = images_to_rec(items, names, args.out, size=args.size, quality=args.quality,
-                          strict=args.strict, workers=args.workers, progress=not args.no_progress)
+                          strict=args.strict, workers=args.workers, progress=not args.no_progress,
+                          force=args.force)
     except (OSError, ValueError) as e:
         print(f"image2rec: error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ copied as stored (no second lossy encode), in rec order, with their label and re
 copied as they are, other formats (PNG, BMP...) are stored as raw planar RGB pixels (lossless).
 ``--raw``: decode everything once and store raw pixels (bigger file, no decoding when loading).
 The format (versioned header, metadata table, pages) is ``unpg.loaders.packed_format``; the file
-is written under a temporary name and renamed when complete.
+is written under a temporary name and renamed when complete. An existing ``--out`` is replaced only
+when it is a packed file (``--force`` replaces any file); this is checked before any work.
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from unpg.fileio import claim_output_file
 from unpg.loaders.decode import DecodeError, cpu_decoder, jpeg_header
 from unpg.loaders.packed_format import (
     DEFAULT_PAGE_SIZE,
     FMT_JPEG,
     FMT_RAW,
+    MAGIC,
     PackedWriter,
     check_page_size,
 )
-from unpg.recordio import FaceRecIndex
+from unpg.recordio import CorruptRecordError, FaceRecIndex
 
 log = logging.getLogger("unpg.tools.pack")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -54,10 +57,21 @@ def _raw(jpeg: bytes, shape: Tuple[int, int, int]) -> np.ndarray:
     return out
 
 
+def _is_pack(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def check_output(out, force: bool = False) -> Path:
+    """``out`` may be written: new, a packed file (replaced), or anything with ``force``."""
+    return claim_output_file(out, "a packed file", force=force, ours=_is_pack)
+
+
 def pack_rec(rec_dir, out, *, page_size: int = DEFAULT_PAGE_SIZE, raw: bool = False,
-             on_corrupt: str = "error", progress: bool = True) -> Dict[str, Any]:
+             on_corrupt: str = "error", progress: bool = True, force: bool = False) -> Dict[str, Any]:
     """Pack an insightface rec; returns a summary (counts, unreadable keys)."""
     check_page_size(page_size)
+    check_output(out, force)
     with FaceRecIndex.open(rec_dir) as src:
         hw = tuple(src.image_size) if src.image_size else (112, 112)
         shape = (3, hw[0], hw[1])
@@ -65,7 +79,15 @@ def pack_rec(rec_dir, out, *, page_size: int = DEFAULT_PAGE_SIZE, raw: bool = Fa
         with PackedWriter(out, len(src), hw, page_size=page_size) as w:
             for i in tqdm(range(len(src)), desc="pack", unit="img", disable=not progress):
                 key = int(src.image_keys[i])
-                label, jpeg = src.read_image(i)
+                try:
+                    label, jpeg = src.read_image(i)
+                except CorruptRecordError as e:  # a damaged record: no bytes to store
+                    if on_corrupt == "error":
+                        raise ValueError(f"{e}; use --on-corrupt skip to drop it, or repair the rec "
+                                         f"with python -m unpg.tools.inspect --repair") from None
+                    log.warning("dropping damaged record: %s", e)
+                    dropped.append(key)
+                    continue
                 if raw:
                     try:
                         pixels = _raw(jpeg, shape)
@@ -106,9 +128,11 @@ def _list_images(root: Path):
 
 
 def pack_images(images_dir, out, *, image_size: int = 112, page_size: int = DEFAULT_PAGE_SIZE,
-                raw: bool = False, on_corrupt: str = "error", progress: bool = True) -> Dict[str, Any]:
+                raw: bool = False, on_corrupt: str = "error", progress: bool = True,
+                force: bool = False) -> Dict[str, Any]:
     """Pack a folder of identity subfolders of aligned ``image_size`` face crops."""
     check_page_size(page_size)
+    check_output(out, force)
     root = Path(images_dir)
     classes, items = _list_images(root)
     hw = (image_size, image_size)
@@ -151,7 +175,8 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--rec", help="insightface rec folder (train.rec, train.idx, property)")
     src.add_argument("--images", help="folder of identity subfolders of aligned face crops")
-    ap.add_argument("--out", required=True, help="output file")
+    ap.add_argument("--out", required=True, help="output file (an existing packed file is replaced)")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out that is not a packed file")
     ap.add_argument("--page-size", default="1M", help="page size, power of two (default 1M; 8M "
                                                       "suits network file systems)")
     ap.add_argument("--raw", action="store_true", help="store decoded RGB pixels instead of JPEG")
@@ -164,10 +189,11 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     try:
         page = parse_size(a.page_size)
         if a.rec:
-            summary = pack_rec(a.rec, a.out, page_size=page, raw=a.raw, on_corrupt=a.on_corrupt)
+            summary = pack_rec(a.rec, a.out, page_size=page, raw=a.raw, on_corrupt=a.on_corrupt,
+                               force=a.force)
         else:
             summary = pack_images(a.images, a.out, image_size=a.image_size, page_size=page,
-                                  raw=a.raw, on_corrupt=a.on_corrupt)
+                                  raw=a.raw, on_corrupt=a.on_corrupt, force=a.force)
     except (ValueError, OSError) as e:
         ap.exit(2, f"pack: error: {e}\n")
     print(f"{a.out}: {summary['samples']} samples of {summary['num_classes']} classes "

@@ -12,11 +12,14 @@ is decoded once (``simplejpeg`` in strict mode when installed, as strict as DALI
 which misses damage inside the compressed data); corrupt ones are dropped and listed in the manifest (``--on-corrupt skip``,
 default) or stop the run naming file and key (``error``): DALI itself cannot skip a bad image.
 Every file is written under a temporary name and renamed; the manifest is removed first and
-written last, so a folder is complete exactly when its manifest matches its files.
+written last, so a folder is complete exactly when its manifest matches its files. A non-empty
+``--out`` is refused unless prepare_dali wrote it (its ``unpg_manifest.json`` or DALI manifest says
+so; it is then rewritten); ``--force`` replaces any other folder's contents.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +29,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from unpg.fileio import atomic_write_json, atomic_write_text
+from unpg.fileio import atomic_write_json, atomic_write_text, claim_output_dir
 from unpg.loaders.dali_layout import DALI_INDEX, FORMAT, MANIFEST, VERSION, shard_names
 from unpg.loaders.decode import DecodeError, strict_cpu_decoder
-from unpg.recordio import FaceRecIndex, IndexedRecordIO, parse_idx, unpack
+from unpg.recordio import CorruptRecordError, FaceRecIndex, IndexedRecordIO, parse_idx, unpack
 
 log = logging.getLogger("unpg.tools.prepare_dali")
 _STREAM_SHUFFLE = 21
@@ -49,10 +52,10 @@ def _verify(src: FaceRecIndex, order: np.ndarray, image_size: Tuple[int, int], w
 
     def check(i: int) -> Optional[Tuple[int, str]]:
         key = int(src.image_keys[i])
-        _, jpeg = src.read_image(i)
         try:
+            _, jpeg = src.read_image(i)
             decode(np.frombuffer(jpeg, np.uint8), np.empty(shape, np.uint8))
-        except DecodeError as e:
+        except (DecodeError, CorruptRecordError) as e:
             return key, str(e)
         return None
 
@@ -71,18 +74,30 @@ def _verify(src: FaceRecIndex, order: np.ndarray, image_size: Tuple[int, int], w
     return bad
 
 
+def _dali_folder(path: Path) -> bool:
+    """A folder prepare_dali wrote before output folders carried ``unpg_manifest.json``."""
+    try:
+        with open(path / MANIFEST, encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def prepare_dali(rec_dir, out_dir, *, shards: int = 1, seed: int = 0, verify: bool = True,
-                 on_corrupt: str = "skip", workers: int = 2, progress: bool = True) -> Dict[str, Any]:
+                 on_corrupt: str = "skip", workers: int = 2, progress: bool = True,
+                 force: bool = False) -> Dict[str, Any]:
     """Write the prepared folder (see module doc); returns the manifest."""
     if shards < 1:
         raise ValueError(f"--shards must be >= 1, got {shards}")
     if on_corrupt not in ("skip", "error"):
         raise ValueError(f"--on-corrupt must be 'skip' or 'error', got {on_corrupt!r}")
     out = Path(out_dir)
+    if Path(rec_dir).resolve() == out.resolve():
+        raise ValueError(f"--out {out} is the source folder; write the prepared copy elsewhere")
     src = FaceRecIndex.open(rec_dir)
     try:
-        if Path(rec_dir).resolve() == out.resolve():
-            raise ValueError(f"--out {out} is the source folder; write the prepared copy elsewhere")
+        # Checked before the long verification pass, not after it.
+        claim_output_dir(out, "prepare_dali", force=force, mark=False, ours=_dali_folder)
         n = len(src)
         image_size = tuple(src.image_size) if src.image_size else (112, 112)
         order = shuffle_order(n, seed)
@@ -91,7 +106,7 @@ def prepare_dali(rec_dir, out_dir, *, shards: int = 1, seed: int = 0, verify: bo
         keep = order[~np.isin(src.image_keys[order], list(bad_keys))] if bad_keys else order
         if shards > keep.size:
             raise ValueError(f"--shards {shards} exceeds the {keep.size} images")
-        out.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(out, "prepare_dali", force=force, ours=_dali_folder)
         (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until it is rewritten
         bounds = np.linspace(0, keep.size, shards + 1).astype(np.int64)
         shard_info, index_lines, base = [], [], 0
@@ -141,6 +156,8 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
                     "DALI index and a manifest) from an insightface rec, for loader.name=dali.")
     ap.add_argument("--rec", required=True, help="folder with train.rec, train.idx, property")
     ap.add_argument("--out", required=True, help="output folder (use it as data.dali_dir)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the contents of a non-empty --out not written by prepare_dali")
     ap.add_argument("--shards", type=int, default=1, help="number of rec files (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     ap.add_argument("--no-verify", action="store_true",
@@ -153,7 +170,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         m = prepare_dali(a.rec, a.out, shards=a.shards, seed=a.seed, verify=not a.no_verify,
-                         on_corrupt=a.on_corrupt, workers=a.workers)
+                         on_corrupt=a.on_corrupt, workers=a.workers, force=a.force)
     except (ValueError, OSError) as e:
         ap.exit(2, f"prepare_dali: error: {e}\n")
     print(f"{a.out}: {m['num_images']} images of {m['num_classes']} classes in "

@@ -23,23 +23,22 @@ and ``image2rec --list OUT/train.lst`` reproduces the labels. Top-level files ar
 
 The output appears only when complete: everything is written into a sibling folder
 ``OUT.tmp-<random>`` that is renamed to OUT at the end (and removed on any error). OUT must not
-exist yet, or be an empty folder.
+exist yet, be an empty folder, or be an earlier rec2image output (its ``unpg_manifest.json``
+says so), which is replaced; ``--force`` replaces any other folder.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from unpg.fileio import staged_output_dir  # re-exported: image2rec and older callers use it here
 from unpg.recordio import FaceRecIndex, RecordIOError
 
 __all__ = ["NAMINGS", "Rec2ImageSummary", "image_extension", "main", "rec_to_images",
@@ -55,36 +54,6 @@ def image_extension(data: bytes) -> Optional[str]:
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return ".png"
     return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def staged_output_dir(out: os.PathLike | str) -> Iterator[Path]:
-    """Yield a fresh sibling folder ``OUT.tmp-<random>``; rename it to ``out`` on success, delete
-    it on any exception, so ``out`` never holds a partial result.
-
-    Raises ``FileExistsError`` if ``out`` exists and is not an empty folder.
-    """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output {out} already exists and is not an empty folder; "
-                              "remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it a normal folder's mode
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); rename() cannot replace a folder on every OS
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @dataclass
@@ -109,7 +78,7 @@ def _names(index: FaceRecIndex, labels: np.ndarray, naming: str):
 
 
 def rec_to_images(rec_dir: os.PathLike | str, out: os.PathLike | str, *, limit: Optional[int] = None,
-                  naming: str = "padded", progress: bool = True) -> Rec2ImageSummary:
+                  naming: str = "padded", progress: bool = True, force: bool = False) -> Rec2ImageSummary:
     """Write every image of the face rec in ``rec_dir`` (the first ``limit`` in key order if
     given) under ``out`` with its stored bytes; see the module docstring for names."""
     if naming not in NAMINGS:
@@ -121,7 +90,7 @@ def rec_to_images(rec_dir: os.PathLike | str, out: os.PathLike | str, *, limit: 
         labels = np.asarray(index.labels[:n], dtype=np.int64)
         class_name, width_i = _names(index, labels, naming)
         seen = np.zeros(index.num_classes, np.int64)  # images written so far per class
-        with staged_output_dir(out) as tmp:
+        with staged_output_dir(out, "rec2image", force=force) as tmp:
             made, lst = set(), []
             for i in tqdm(range(n), total=n, unit="img", desc="rec2image", disable=not progress):
                 label, data = index.read_image(i)
@@ -150,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "writing each record's JPEG bytes unchanged (no MXNet, no re-encoding).")
     p.add_argument("--rec", required=True, help="folder holding train.rec and train.idx (and property)")
     p.add_argument("--out", required=True,
-                   help="output folder; must not exist (or be empty); appears only when complete")
+                   help="output folder: new, empty or an earlier rec2image output; appears only when complete")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out not written by rec2image")
     p.add_argument("--limit", type=int, default=None,
                    help="write only the first N images in key order (a quick preview)")
     p.add_argument("--naming", choices=NAMINGS, default="padded",
@@ -164,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         s = rec_to_images(args.rec, args.out, limit=args.limit, naming=args.naming,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, force=args.force)
     except (OSError, ValueError) as e:  # RecordIOError is a ValueError
         print(f"rec2image: error: {e}", file=sys.stderr)
         return 2
