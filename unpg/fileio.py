@@ -202,8 +202,8 @@ def claim_output_dir(out: PathLike, tool: str, *, force: bool = False, option: s
     return out
 
 
-def claim_output_file(out: PathLike, what: str, *, force: bool = False, option: str = "--out",
-                      ours: Callable[[Path], bool] = lambda p: False) -> Path:
+def claim_output_file(out: PathLike, what: Optional[str] = None, *, force: bool = False,
+                      option: str = "--out", ours: Callable[[Path], bool] = lambda p: False) -> Path:
     """Check, before any work, that the output file ``out`` may be written: an existing file is
     replaced only when ``ours(out)`` recognises it as ``what`` (a file this tool writes) or with
     ``force``; its folder is created and proven writable."""
@@ -211,8 +211,9 @@ def claim_output_file(out: PathLike, what: str, *, force: bool = False, option: 
     if out.is_dir():
         raise OutputError(f"{option} {out} is a folder; give a file name")
     if out.exists() and not force and not ours(out):
-        raise OutputError(f"{option} {out} already exists and is not {what}; choose another "
-                          f"name, or pass --force to replace it")
+        not_ours = f" and is not {what}" if what else ""
+        raise OutputError(f"{option} {out} already exists{not_ours}; choose another name, or "
+                          f"pass --force to replace it")
     check_writable_dir(out.parent if str(out.parent) else Path("."), option)
     return out
 
