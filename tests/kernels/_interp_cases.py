@@ -13,56 +13,93 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from unpg.kernels import nontarget_lse  # noqa: E402
-from unpg.kernels import triton_kernels as tk  # noqa: E402
-from unpg.kernels.function import TritonNonTargetLSE  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from unpg.kernels import lse_and_target, reference_lse_and_target  # noqa: E402
+from unpg.kernels import triton_launch as launch  # noqa: E402
 from unpg.kernels.reference import nontarget_lse_reference  # noqa: E402
+from unpg.kernels.triton_function import triton_lse_and_target  # noqa: E402
 
 SCALE = 64.0
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _triton(class_start=0, fwd=None, bwd=None, with_target=False):
+def _triton(class_start=0, plans=None, with_target=False, precision="ieee"):
     def fn(x, w, labels):
-        out = TritonNonTargetLSE.apply(x, w, labels, SCALE, class_start, fwd, bwd)
+        out = triton_lse_and_target(x, w, labels, SCALE, class_start=class_start,
+                                    precision=precision, plans=plans)
         return out if with_target else out[0]
     return fn
 
 
-def _plans(dtype, *, fwd=None, bwd=None):
-    return (tk.with_overrides(tk.default_plan(dtype, backward=False), **(fwd or {})),
-            tk.with_overrides(tk.default_plan(dtype, backward=True), **(bwd or {})))
+def _auto(x_dtype):
+    """Precision ``auto`` resolves to the embeddings' dtype here (no autocast, no TF32)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x_dtype, "ieee")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dispatch_default_plan(kcheck, dtype):
-    # C = 200 is not a multiple of the 128-class tile; labels partly outside the shard.
+def test_public_entry_default_plan(kcheck, dtype):
+    # C = 200 is not a multiple of the class tile; labels partly outside the shard.
     x, w, labels = kcheck.inputs(13, 200, 40, dtype, seed=11, class_start=5, label_span=(0, 215))
 
     def fn(x, w, labels):
-        return nontarget_lse(x, w, labels, SCALE, backend="triton", class_start=5)
+        return lse_and_target(x, w, labels, SCALE, backend="triton", class_start=5)
 
-    kcheck.rule(fn, x, w, labels, SCALE, class_start=5)
+    kcheck.rule(fn, x, w, labels, SCALE, class_start=5, with_target=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_class_splits_and_fused_backward_over_row_blocks(kcheck, dtype):
-    # 3 class splits of 2 tiles; backward: one row split (program owns its dW rows) looping
-    # over 2 row blocks, dX spread over 3 atomic replicas.
-    fwd, bwd = _plans(dtype, fwd=dict(splits=3, block_c=32, block_d=16),
-                      bwd=dict(row_splits=1, block_c=32, block_d=16, dx_copies=3))
+def test_class_splits_row_blocks_and_d_blocks(kcheck, dtype):
+    # Forward: 3 class splits. dX: 3 row blocks x 2 class splits x 2 D blocks (partials summed).
+    # dW: 6 class tiles x 2 D blocks, each program looping over 3 row blocks. B, C, D are not
+    # multiples of any tile.
+    plans = {"fwd": launch.Plan(8, 32, 16, splits=3),
+             "dx": launch.Plan(8, 32, 16, block_do=16, splits=2),
+             "dw": launch.Plan(8, 32, 16, block_do=16)}
     x, w, labels = kcheck.inputs(20, 170, 24, dtype, seed=12, class_start=30,
                                  label_span=(25, 210))
-    kcheck.rule(_triton(30, fwd, bwd, with_target=True), x, w, labels, SCALE, class_start=30,
-                with_target=True)
+    kcheck.rule(_triton(30, plans, with_target=True, precision=_auto(dtype)), x, w, labels,
+                SCALE, class_start=30, with_target=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_unfused_backward_with_atomics(kcheck, dtype):
-    # Two row splits: dW and t go through atomics and torch applies the normalisation epilogue.
-    fwd, bwd = _plans(dtype, bwd=dict(row_splits=2, block_c=32, block_d=32))
-    x, w, labels = kcheck.inputs(20, 70, 40, dtype, seed=13, label_span=(0, 75))
-    kcheck.rule(_triton(0, fwd, bwd, with_target=True), x, w, labels, SCALE, with_target=True)
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "tf32", "ieee"])
+def test_fp32_master_weight_every_precision(kcheck, precision):
+    # fp32 embeddings and weight, tiles in `precision`: the rule holds against torch in the
+    # tile dtype (fp32 for tf32/ieee), and the kernel equals the chunked CPU twin.
+    x, w, labels = kcheck.inputs(18, 150, 40, torch.float32, seed=15, class_start=7,
+                                 label_span=(0, 160))
+    fn = _triton(7, with_target=True, precision=precision)
+    kcheck.rule(fn, x, w, labels, SCALE, class_start=7, with_target=True,
+                same_dtype=HALF.get(precision, "tf32" if precision == "tf32" else torch.float32))
+    got = fn(x, w, labels)
+    twin = lse_and_target(x, w, labels, SCALE, backend="chunked", precision=precision,
+                          class_start=7, chunk_size=64)
+    for a, b in zip(got, twin):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-5)
+
+
+def test_bf16_embeddings_with_fp32_weight_run_bf16_tiles():
+    # The training call under AMP: bf16 embeddings, fp32 master weight, precision "auto".
+    gen = torch.Generator().manual_seed(16)
+    x = F.normalize(torch.randn(12, 48, generator=gen), dim=1).bfloat16().requires_grad_()
+    w = torch.randn(90, 48, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 90, (12,), generator=gen)
+    launch.LAST_LAUNCH.clear()
+    ell, cos_t = lse_and_target(x, w, labels, SCALE, backend="triton")
+    (ell.sum() + cos_t.sum()).backward()
+    assert {k: v[0] for k, v in launch.LAST_LAUNCH.items()} == \
+        {"fwd": "bf16", "dx": "bf16", "dw": "bf16"}
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    # The values are those of bf16-rounded weight tiles scaled by the fp32 norms: equal to that
+    # float64 computation, and measurably off the reference on the un-rounded fp32 weight.
+    x64, w64 = x.detach().double(), w.detach().double()
+    logits = SCALE * (x64 @ w.detach().bfloat16().double().t()) / w64.norm(dim=1)
+    logits[torch.arange(12), labels] = float("-inf")
+    on_rounded = torch.logsumexp(logits, dim=1)
+    on_fp32 = reference_lse_and_target(x64, w64, labels, SCALE)[0]
+    err_rounded = (ell.detach().double() - on_rounded).abs().max().item()
+    err_fp32 = (ell.detach().double() - on_fp32).abs().max().item()
+    assert err_rounded < 1e-4 < err_fp32, (err_rounded, err_fp32)
 
 
 @pytest.mark.parametrize("case", ["batch_of_one", "classes_below_one_tile", "exact_tiles",
@@ -72,11 +109,11 @@ def test_odd_shapes_and_labels(kcheck, case):
                "exact_tiles": (16, 128, 64)}.get(case, (9, 60, 16))
     labels = {"all_labels_equal": torch.full((B,), 7), "all_outside_shard": torch.arange(B) + 60}
     x, w, labels = kcheck.inputs(B, C, D, torch.float32, seed=14, labels=labels.get(case))
-    kcheck.rule(_triton(), x, w, labels, SCALE)
+    kcheck.rule(_triton(with_target=True), x, w, labels, SCALE, with_target=True)
 
 
 def test_row_without_any_class():
-    x = torch.nn.functional.normalize(torch.randn(3, 16), dim=1).requires_grad_()
+    x = F.normalize(torch.randn(3, 16), dim=1).requires_grad_()
     w = torch.randn(1, 16, requires_grad=True)
     labels = torch.tensor([0, 0, 3])  # rows 0, 1 mask the only class
     ell = _triton()(x, w, labels)
@@ -90,33 +127,41 @@ def test_row_without_any_class():
 
 @pytest.mark.parametrize("frozen", ["weight", "embedding"])
 def test_gradient_of_one_input_only(frozen):
-    x0 = torch.nn.functional.normalize(torch.randn(8, 32, dtype=torch.float64), dim=1)
+    x0 = F.normalize(torch.randn(8, 32, dtype=torch.float64), dim=1)
     w0 = torch.randn(40, 32, dtype=torch.float64)
     labels = torch.randint(0, 40, (8,))
     x_ref, w_ref = x0.clone().requires_grad_(), w0.clone().requires_grad_()
     nontarget_lse_reference(x_ref, w_ref, labels, SCALE).sum().backward()
     x = x0.float().requires_grad_(frozen != "embedding")
     w = w0.float().requires_grad_(frozen != "weight")
+    launch.LAST_LAUNCH.clear()
     _triton()(x, w, labels).sum().backward()
     live, ref, dead = (x, x_ref, w) if frozen == "weight" else (w, w_ref, x)
     assert dead.grad is None
+    # The pass of the frozen input does not run at all.
+    assert ("dw" in launch.LAST_LAUNCH) == (frozen != "weight")
+    assert ("dx" in launch.LAST_LAUNCH) == (frozen != "embedding")
     torch.testing.assert_close(live.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_matches_chunked_backend():
-    x, w = torch.randn(10, 48), torch.randn(90, 48)
-    x = torch.nn.functional.normalize(x, dim=1)
-    labels = torch.randint(0, 90, (10,))
-    a = nontarget_lse(x, w, labels, SCALE, backend="triton")
-    b = nontarget_lse(x, w, labels, SCALE, backend="chunked", chunk_size=16)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+def test_backward_is_deterministic():
+    x, w = F.normalize(torch.randn(24, 32), dim=1), torch.randn(130, 32)
+    labels = torch.randint(0, 130, (24,))
+    plans = {"dx": launch.Plan(8, 32, 16, block_do=16, splits=3)}
+    grads = []
+    for _ in range(2):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ell, cos_t = triton_lse_and_target(xr, wr, labels, SCALE, plans=plans)
+        (ell.sum() - cos_t.sum()).backward()
+        grads.append((xr.grad, wr.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 def test_triton_rejects_float64():
-    x = torch.nn.functional.normalize(torch.randn(2, 8, dtype=torch.float64), dim=1)
+    x = F.normalize(torch.randn(2, 8, dtype=torch.float64), dim=1)
     with pytest.raises(ValueError, match="chunked"):
-        nontarget_lse(x, torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1]), SCALE,
-                      backend="triton")
+        lse_and_target(x, torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1]), SCALE,
+                       backend="triton")
 
 
 @pytest.mark.parametrize("head,params", [("arcface", dict(s=64.0, m=0.5)),

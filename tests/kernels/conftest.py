@@ -11,10 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from unpg.kernels.precision import round_tf32
 from unpg.kernels.reference import nontarget_lse_reference
 
 # tol relative to the largest |truth| of each compared tensor.
-REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2,
+           "tf32": 1e-3}
 
 
 def make_inputs(B, C, D, dtype, *, seed=0, class_start=0, labels=None, label_span=None):
@@ -52,22 +54,30 @@ def reference_target(x_BD, w_CD, labels_B, class_start):
 
 
 def check_rule(kernel_fn, x_BD, w_CD, labels_B, scale, *, class_start=0, seed=1, extra_tol=0.0,
-               with_target=False):
+               with_target=False, same_dtype=None):
     """Assert the tolerance rule for ell (, cos_t), dX_hat, dW; returns the kernel errors.
 
     With ``with_target`` the kernel returns ``(ell, cos_t)`` and both feed the objective.
+    ``same_dtype`` (default: the inputs' dtype) is the dtype of the "same-dtype torch" run and
+    of the tolerance: a kernel run with bf16 tiles on fp32 inputs is held to torch in bf16;
+    ``"tf32"`` stands for torch's TF32 matmul, emulated as fp32 on TF32-rounded inputs (what
+    the tensor cores multiply), so the rule is checkable on a CPU.
     """
-    dtype = x_BD.dtype
+    dtype = same_dtype or x_BD.dtype
+    # The cotangents live on the inputs' device (CUDA runs of this rule need them there).
     gen = torch.Generator().manual_seed(seed)
-    g_B = torch.randn(x_BD.shape[0], generator=gen, dtype=torch.float64)
-    h_B = torch.randn(x_BD.shape[0], generator=gen, dtype=torch.float64)
+    g_B = torch.randn(x_BD.shape[0], generator=gen, dtype=torch.float64).to(x_BD.device)
+    h_B = torch.randn(x_BD.shape[0], generator=gen, dtype=torch.float64).to(x_BD.device)
 
     def ref(x, w, lab):
         ell = nontarget_lse_reference(x, w, lab, scale, class_start=class_start)
         return (ell, reference_target(x, w, lab, class_start)) if with_target else ell
 
     truth = _grads(ref, x_BD.double(), w_CD.double(), labels_B, g_B, h_B)
-    same = _grads(ref, x_BD, w_CD, labels_B, g_B, h_B)
+    if dtype == "tf32":
+        same = _grads(ref, round_tf32(x_BD.float()), round_tf32(w_CD.float()), labels_B, g_B, h_B)
+    else:
+        same = _grads(ref, x_BD.to(dtype), w_CD.to(dtype), labels_B, g_B, h_B)
     got = _grads(kernel_fn, x_BD, w_CD, labels_B, g_B, h_B)
     names = ("ell", "cos_t", "dX_hat", "dW") if with_target else ("ell", "dX_hat", "dW")
     assert len(got) == len(names), f"kernel returned {len(got) - 2} outputs"

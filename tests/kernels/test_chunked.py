@@ -1,18 +1,21 @@
-"""Chunked pure-torch backend of nontarget_lse against the plain full-tile reference."""
+"""Chunked pure-torch backend of lse_and_target against the plain full-tile reference."""
 # B: batch, C: classes (local shard), D: embedding dim
 import pytest
 import torch
-from unpg.kernels import nontarget_lse, nontarget_lse_and_target
-from unpg.kernels.chunked import chunked_nontarget_lse
+from unpg.kernels import lse_and_target
 from unpg.kernels.reference import nontarget_lse_reference
 
 SCALE = 64.0
 
 
+def chunked_lse(x, w, labels, scale, *, class_start=0, chunk_size=8192):
+    return lse_and_target(x, w, labels, scale, backend="chunked", class_start=class_start,
+                          chunk_size=chunk_size)[0]
+
+
 def _chunked(chunk_size, class_start=0):
     def fn(x, w, labels):
-        return chunked_nontarget_lse(x, w, labels, SCALE, class_start=class_start,
-                                     chunk_size=chunk_size)
+        return chunked_lse(x, w, labels, SCALE, class_start=class_start, chunk_size=chunk_size)
     return fn
 
 
@@ -39,8 +42,8 @@ def test_fused_target_cosine_within_rule(kcheck, dtype):
     x, w, labels = kcheck.inputs(12, 90, 24, dtype, seed=9, class_start=10, labels=labels)
 
     def fn(x, w, labels):
-        return nontarget_lse_and_target(x, w, labels, SCALE, backend="chunked", chunk_size=16,
-                                        class_start=10)
+        return lse_and_target(x, w, labels, SCALE, backend="chunked", chunk_size=16,
+                              class_start=10)
 
     errors = kcheck.rule(fn, x, w, labels, SCALE, class_start=10, with_target=True)
     if dtype == torch.float64:
@@ -61,7 +64,7 @@ def test_row_without_any_class_gives_minus_inf_and_zero_gradient():
     x.requires_grad_()
     w = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 0, 5])  # rows 0, 1 mask the only class; row 2 keeps it
-    ell = chunked_nontarget_lse(x, w, labels, SCALE, chunk_size=4)
+    ell = chunked_lse(x, w, labels, SCALE, chunk_size=4)
     assert torch.isneginf(ell[:2]).all() and torch.isfinite(ell[2])
     ell[2].backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
@@ -89,8 +92,7 @@ def test_saved_tensors_hold_nothing_batch_by_classes():
 
     ref_sizes = saved_sizes(lambda: nontarget_lse_reference(x, w, labels, SCALE))
     assert max(ref_sizes) >= B * C  # the hook does see the reference's B x C tile
-    sizes = saved_sizes(lambda: nontarget_lse(x, w, labels, SCALE, backend="chunked",
-                                              chunk_size=64))
+    sizes = saved_sizes(lambda: chunked_lse(x, w, labels, SCALE, chunk_size=64))
     assert sizes and max(sizes) <= max(B * D, C * D), sizes
 
 
@@ -101,7 +103,7 @@ def test_saved_tensors_hold_nothing_batch_by_classes():
 def test_output_and_gradient_dtypes(dtype, out_dtype):
     x = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).to(dtype).requires_grad_()
     w = torch.randn(10, 8).to(dtype).requires_grad_()
-    ell = nontarget_lse(x, w, torch.tensor([1, 2, 3, 4]), SCALE, backend="auto")
+    ell = lse_and_target(x, w, torch.tensor([1, 2, 3, 4]), SCALE, backend="auto")[0]
     assert ell.dtype == out_dtype
     ell.sum().backward()
     assert x.grad.dtype == dtype and w.grad.dtype == dtype
@@ -115,7 +117,7 @@ def test_gradient_of_one_input_only(frozen):
     x_ref, w_ref = x0.clone().requires_grad_(), w0.clone().requires_grad_()
     nontarget_lse_reference(x_ref, w_ref, labels, SCALE).sum().backward()
     x, w = x0.clone().requires_grad_(frozen != "embedding"), w0.clone().requires_grad_(frozen != "weight")
-    chunked_nontarget_lse(x, w, labels, SCALE, chunk_size=6).sum().backward()
+    chunked_lse(x, w, labels, SCALE, chunk_size=6).sum().backward()
     live, ref, dead = (x, x_ref, w) if frozen == "weight" else (w, w_ref, x)
     assert dead.grad is None
     torch.testing.assert_close(live.grad, ref.grad, rtol=1e-10, atol=1e-12)

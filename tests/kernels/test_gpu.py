@@ -2,12 +2,7 @@
 # B: batch, C: classes (local shard), D: embedding dim
 import pytest
 import torch
-from unpg.kernels import (
-    nontarget_lse,
-    nontarget_lse_and_target,
-    sharded_nontarget_lse_and_target,
-    target_cosine,
-)
+from unpg.kernels import lse_and_target, target_cosine
 
 SCALE = 64.0
 
@@ -25,9 +20,24 @@ def test_triton_cuda_within_rule(kcheck, dtype, shape):
                                           label_span=(0, C + 40)))
 
     def fn(x, w, labels):
-        return nontarget_lse(x, w, labels, SCALE, backend="triton", class_start=17)
+        return lse_and_target(x, w, labels, SCALE, backend="triton", class_start=17)
 
-    kcheck.rule(fn, x, w, labels, SCALE, class_start=17)
+    kcheck.rule(fn, x, w, labels, SCALE, class_start=17, with_target=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "tf32", "ieee"])
+@pytest.mark.parametrize("shape", [(512, 20011, 512), (100, 3000, 128)])
+def test_triton_cuda_fp32_master_weight_within_rule(kcheck, precision, shape):
+    # The training call: fp32 embeddings and master weight, tiles in `precision`.
+    B, C, D = shape
+    x, w, labels = _on_cuda(kcheck.inputs(B, C, D, torch.float32, seed=23, label_span=(0, C)))
+
+    def fn(x, w, labels):
+        return lse_and_target(x, w, labels, SCALE, backend="triton", precision=precision)
+
+    same = {"bf16": torch.bfloat16, "tf32": "tf32"}.get(precision, torch.float32)
+    kcheck.rule(fn, x, w, labels, SCALE, with_target=True, same_dtype=same)
 
 
 @pytest.mark.gpu
@@ -36,19 +46,18 @@ def test_chunked_cuda_within_rule(kcheck, dtype):
     x, w, labels = _on_cuda(kcheck.inputs(256, 9000, 256, dtype, seed=22))
 
     def fn(x, w, labels):
-        return nontarget_lse(x, w, labels, SCALE, backend="chunked", chunk_size=2048)
+        return lse_and_target(x, w, labels, SCALE, backend="chunked", chunk_size=2048)[0]
 
     kcheck.rule(fn, x, w, labels, SCALE)
 
 
 @pytest.mark.gpu
-def test_auto_backend_in_one_process_shard_path_matches_chunked():
+def test_auto_backend_matches_chunked_twin():
     x = torch.nn.functional.normalize(torch.randn(128, 256, device="cuda"), dim=1)
     w = torch.randn(5000, 256, device="cuda")
     labels = torch.randint(0, 5000, (128,), device="cuda")
-    ell_a, cos_a = sharded_nontarget_lse_and_target(x, w, labels, SCALE, process_group=None,
-                                                    backend="auto")
-    ell_c = nontarget_lse(x, w, labels, SCALE, backend="chunked")
+    ell_a, cos_a = lse_and_target(x, w, labels, SCALE, backend="auto", precision="ieee")
+    ell_c = lse_and_target(x, w, labels, SCALE, backend="chunked", precision="ieee")[0]
     torch.testing.assert_close(ell_a, ell_c, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cos_a, target_cosine(x, w, labels))
 
@@ -62,8 +71,7 @@ def test_forward_backward_never_sync_with_the_host(backend):
     labels = torch.randint(0, 3000, (256,), device="cuda")
 
     def step():
-        ell, cos_t = nontarget_lse_and_target(x, w, labels, SCALE, backend=backend,
-                                              chunk_size=1024)
+        ell, cos_t = lse_and_target(x, w, labels, SCALE, backend=backend, chunk_size=1024)
         (ell - SCALE * cos_t).mean().backward()
 
     step()  # warm-up: compilation and lazy initialisation may sync
