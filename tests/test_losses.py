@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unpg.classifier import MarginClassifier
 from unpg.heads import build_head
-from unpg.losses import MarginSoftmaxLoss, margin_softmax_loss
+from unpg.losses import margin_softmax_loss
 from unpg.negatives import unpg_logsumexp
 from unpg.official_loss import official_margin_softmax_loss
 
@@ -118,12 +119,21 @@ def test_float32_close_to_float64(head):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5 * scale)
 
 
-def test_half_precision_inputs_are_upcast_and_int32_labels_accepted():
+def test_half_precision_embeddings_pick_half_tiles_and_int32_labels_accepted():
+    """bf16 embeddings: float32 length-B math, bf16 tiles for the B x C work under 'auto'
+    (the same numbers as float32 inputs with precision='bf16'); 'ieee' keeps float32 tiles."""
     emb, labels, weight = make_batch(8, 9, 16, "repeated", seed=5)
-    ref = margin_softmax_loss(emb.bfloat16().float(), labels, weight.float(), "arcface", **HEADS["arcface"])
-    out = margin_softmax_loss(emb.bfloat16(), labels.int(), weight.float(), "arcface", **HEADS["arcface"])
+    kw = dict(backend="chunked", **HEADS["arcface"])
+    rounded = emb.bfloat16().float()
+    out = margin_softmax_loss(emb.bfloat16(), labels.int(), weight.float(), "arcface", **kw)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref)
+    bf16_tiles = margin_softmax_loss(rounded, labels, weight.float(), "arcface", precision="bf16", **kw)
+    assert torch.equal(out, bf16_tiles)
+    ieee = margin_softmax_loss(emb.bfloat16(), labels, weight.float(), "arcface", precision="ieee", **kw)
+    torch.testing.assert_close(ieee, margin_softmax_loss(rounded, labels, weight.float(), "arcface", **kw))
+    truth = margin_softmax_loss(rounded.double(), labels, weight, "arcface", backend="torch", **HEADS["arcface"])
+    assert out.item() != ieee.item()  # really different tiles
+    assert abs(out.item() - truth.item()) < 0.05 * truth.item()
 
 
 def numpy_unpg(emb, labels, s, wisk):
@@ -310,33 +320,37 @@ def test_module_trains_on_separable_problem(head):
     params = dict(HEADS[head], s=16.0)
     if head == "magface":
         params.update(l_a=1.0, u_a=20.0, lambda_g=1.0)
-    crit = MarginSoftmaxLoss(4, 8, head, unpg_wisk=1.5, **params)
+    crit = MarginClassifier(4, 8, build_head(head, **params), unpg_wisk=1.5)
     assert crit.weight.shape == (4, 8) and 0.005 < crit.weight.std().item() < 0.02
     opt = torch.optim.SGD(list(backbone.parameters()) + list(crit.parameters()), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(25):
         opt.zero_grad()
-        loss = crit(backbone(inputs), labels)
+        loss, stats = crit(backbone(inputs), labels)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert set(crit.last_stats) == STAT_KEYS and crit.last_stats["num_negatives"] == 32 * 24 // 2
+    assert set(stats) == STAT_KEYS and stats["num_negatives"] == 32 * 24 // 2
     assert losses[-1] < 0.3 * losses[0] and max(losses[-5:]) < min(losses[:5]), losses
 
 
 def test_module_from_config_and_errors():
     cfg_head = types.SimpleNamespace(name="cosface", params=lambda: dict(s=32.0, m=0.3))
-    on = types.SimpleNamespace(enabled=True, wisk=1.0)
-    off = types.SimpleNamespace(enabled=False, wisk=1.5)
-    crit = MarginSoftmaxLoss.from_config(cfg_head, on, num_classes=9, embedding_size=16)
+    cfg_fc = types.SimpleNamespace(mode="replicated", sample_rate=1.0, backend="auto",
+                                   precision="auto", chunk_size=8192)
+    on = types.SimpleNamespace(unpg_wisk=1.0)
+    off = types.SimpleNamespace(unpg_wisk=None)
+    crit = MarginClassifier.from_config(cfg_fc, cfg_head, on, num_classes=9, embedding_size=16)
     assert crit.unpg_wisk == 1.0 and crit.head.params() == dict(s=32.0, m=0.3)
-    assert MarginSoftmaxLoss.from_config(cfg_head, off, 9, 16).unpg_wisk is None
+    assert MarginClassifier.from_config(cfg_fc, cfg_head, off, num_classes=9,
+                                        embedding_size=16).unpg_wisk is None
     with torch.no_grad():
         crit.weight.copy_(W.float())
-    loss, stats = crit(EMB.float(), LAB, return_stats=True)
+    loss, stats = crit(EMB.float(), LAB)
     ref = margin_softmax_loss(EMB.float(), LAB, W.float(), "cosface", unpg_wisk=1.0, s=32.0, m=0.3)
     assert loss.item() == ref.item() and stats["num_negatives"] > 0
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
-        MarginSoftmaxLoss(0, 16, "cosface", s=32.0, m=0.3)
+        MarginClassifier(0, 16, build_head("cosface", s=32.0, m=0.3))
     with pytest.raises(ValueError, match="missing"):
-        MarginSoftmaxLoss(9, 16, "magface", s=32.0)
+        MarginClassifier.from_config(cfg_fc, types.SimpleNamespace(
+            name="magface", params=lambda: dict(s=32.0)), off, num_classes=9, embedding_size=16)

@@ -5,7 +5,9 @@
 import pytest
 import torch
 
-from unpg.losses import MarginSoftmaxLoss, margin_softmax_loss
+from unpg.classifier import MarginClassifier
+from unpg.heads import build_head
+from unpg.losses import margin_softmax_loss
 
 HEADS = {
     "arcface": dict(s=64.0, m=0.5),
@@ -68,15 +70,16 @@ def test_all_labels_equal_and_single_row():
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
-def test_module_uses_the_backend():
+def test_classifier_uses_the_backend():
     emb, labels, weight = _inputs(dtype=torch.float32)
     out = {}
     for backend in ("torch", "chunked"):
-        module = MarginSoftmaxLoss(weight.shape[0], weight.shape[1], "cosface", unpg_wisk=1.5,
-                                   backend=backend, **HEADS["cosface"])
+        module = MarginClassifier(weight.shape[0], weight.shape[1],
+                                  build_head("cosface", **HEADS["cosface"]), unpg_wisk=1.5,
+                                  backend=backend)
         with torch.no_grad():
             module.weight.copy_(weight)
-        loss = module(emb, labels)
+        loss, _ = module(emb, labels)
         loss.backward()
         out[backend] = (loss.detach(), module.weight.grad)
     for r, g in zip(out["torch"], out["chunked"]):

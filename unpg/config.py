@@ -139,6 +139,8 @@ class FcConfig(Section):
     mode: Literal["replicated", "sharded"] = "replicated"
     sample_rate: float = field_(1.0, gt=0.0, le=1.0)  # partial FC: fraction of classes per step
     backend: Literal["auto", "torch", "chunked", "triton"] = "auto"
+    # Tiles of the B x C work; auto: bf16/fp16 under train.amp=bf16/fp16, else the kernel's own
+    precision: Literal["auto", "bf16", "fp16", "tf32", "ieee"] = "auto"
     chunk_size: int = field_(8192, ge=1)
 
 

@@ -18,16 +18,19 @@ on the global batch). DDP wraps the backbone only; the class centres are outside
   the SAME global-mean loss L. Rank k's gradients wrt its local embeddings and its weight shard
   are then exactly the matching slices of dL. A backbone parameter's full gradient is the SUM
   over ranks of the per-rank contributions, so DDP's default average (divide by K) would be K
-  times too small: ``wrap_backbone`` registers ``sum_allreduce_hook`` (all-reduce, no
-  division). The shard gradients need no communication.
+  times too small: ``MarginClassifier.wrap_backbone`` registers ``sum_allreduce_hook``
+  (all-reduce, no division). The shard gradients need no communication.
 * ``fc.mode: replicated`` -- every rank holds all C centres and computes its own rows' terms,
   ``L_k = mean_{i in rank k} l_i``, with UNPG's shared scalar ``U`` from the all-gathered global
-  batch whose backward SUMS the ranks' gradients (``margin_softmax_loss(...,
+  batch whose backward SUMS the ranks' gradients (``unpg.losses.local_batch_loss(...,
   negatives_group=loss_group)``: ``copy_to_shards(all_gather_rows(x))``). Then
   ``mean_k L_k = L``; rank k's
   backprop yields ``d(sum_k L_k)/d e_i`` for its rows, so DDP's AVERAGE of the backbone
   gradients is dL/dtheta; the centres' gradients ``dL_k/dW`` are averaged by ``FcGradAverager``
   (all-reduce SUM / K, launched from a gradient hook as soon as they are final).
+
+``unpg.classifier.MarginClassifier`` is the one place that knows which of the two applies; the
+pieces here (``wrap_backbone``'s ``comm_hook``, ``FcGradAverager``) take no layout argument.
 
 Batch norm keeps per-rank batch statistics (as insightface): a K-process run equals the
 1-process run exactly only for BN-free (or eval-mode BN) backbones.
@@ -120,8 +123,10 @@ def sum_allreduce_hook(group, bucket):  # no annotations: DDP checks them agains
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def wrap_backbone(backbone: nn.Module, ctx: DistContext, fc_mode: str) -> nn.Module:
-    """DDP around the backbone (identity in one process), reconciled with ``fc_mode``."""
+def wrap_backbone(backbone: nn.Module, ctx: DistContext,
+                  comm_hook: Optional[Callable[..., Any]] = None) -> nn.Module:
+    """DDP around the backbone (identity in one process); ``comm_hook`` replaces DDP's bucket
+    averaging (``sum_allreduce_hook`` for the class-sharded loss)."""
     if not ctx.distributed:
         return backbone
     # Per-rank BN statistics, as insightface (no buffer broadcast each forward). Newer torch
@@ -132,8 +137,8 @@ def wrap_backbone(backbone: nn.Module, ctx: DistContext, fc_mode: str) -> nn.Mod
     ddp = nn.parallel.DistributedDataParallel(
         backbone, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
         bucket_cap_mb=16, gradient_as_bucket_view=True, **no_sync_buffers)
-    if fc_mode == "sharded":
-        ddp.register_comm_hook(None, sum_allreduce_hook)
+    if comm_hook is not None:
+        ddp.register_comm_hook(None, comm_hook)
     return ddp
 
 

@@ -1,89 +1,68 @@
 """Margin-softmax loss (ArcFace / CosFace / MagFace / combined) with optional UNPG negatives.
 
-The loss is written as the decomposition the fused kernels use, so that a backend only replaces
-``_lse_and_target`` (the B×C work; ``unpg.kernels`` for every backend but the reference):
+The loss is written as the decomposition the fused kernels use; the B×C work is one call of
+``unpg.kernels.lse_and_target`` (which owns every backend and precision), the rest is length-B
+torch::
 
     emb_hat = normalize(emb);  cos_t_B = emb_hat_i · normalize(weight[y_i])
     psi_B   = head.target_logit(cos_t_B, ‖emb‖)                   (length-B, torch)
-    ell_B   = log Σ_{j≠y_i} exp(s·cos_ij)                          (_lse_and_target: the B×C work)
+    ell_B   = log Σ_{j≠y_i} exp(s·cos_ij)                          (lse_and_target: the B×C work)
     U       = logsumexp(s·S')  (UNPG kept negatives, shared by every row; −inf when off/empty)
     loss    = mean_i(logsumexp([ell_i, s·psi_i, U]) − s·psi_i) + head.regularizer(‖emb‖)
 
-This equals the official code's ``cross_entropy(s·[logits, negatives], labels)`` (``unpg.official_loss``)
-without materialising ``B × (C + |S'|)`` logits.
+This equals the official code's ``cross_entropy(s·[logits, negatives], labels)``
+(``unpg.official_loss``) without materialising ``B × (C + |S'|)`` logits.
 
-# B: batch, C: classes, D: embedding dim
+One path per layout of the class centres; ``margin_softmax_loss`` (the functional contract) and
+``unpg.classifier.MarginClassifier`` (training) both call these two:
+
+* ``local_batch_loss`` -- the weight holds every class (one process, or replicated data
+  parallelism): the loss is the mean over this process's rows; UNPG's negatives come from the
+  batch all-gathered over ``negatives_group`` (summing backward, see ``unpg.distributed``).
+* ``global_batch_loss`` -- the weight is this rank's class shard (partial FC): the batch is
+  all-gathered, classes are optionally sampled, the shards' log-sum-exps are combined by the
+  kernels' sharded layer, and every rank computes the same global-batch mean.
+
+Precision: embeddings may come in bf16/fp16 (the backbone under autocast). The length-B and
+B×D work (norms, normalisation, margin, UNPG) runs in float32, float64 stays float64; the class
+centres are passed as they are (the fp32 master, never copied to half precision) and
+``precision`` tells the kernel which tiles to use. ``precision='auto'`` with bf16/fp16
+embeddings means bf16/fp16 tiles (the embedding's own precision); otherwise the kernel decides.
+
+# B: global batch, b: local batch, C: classes (local shard), S: sampled classes, D: embedding dim
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+
+from unpg.kernels import BACKENDS, PRECISIONS, all_gather_rows, copy_to_shards, lse_and_target
 
 from .heads import MarginHead, build_head
 from .negatives import check_wisk, unpg_logsumexp
 
-__all__ = ["BACKENDS", "MarginSoftmaxLoss", "margin_softmax_loss"]
+__all__ = ["BACKENDS", "PRECISIONS", "assemble_loss", "global_batch_loss", "local_batch_loss",
+           "margin_softmax_loss"]
 
-BACKENDS = ("auto", "torch", "chunked", "triton")
-
-
-def _nontarget_lse_torch(
-    emb_hat_BD: torch.Tensor, weight_CD: torch.Tensor, labels_B: torch.Tensor, s: float
-) -> torch.Tensor:
-    """Reference: full B×C scaled cosines, target column masked to −inf, logsumexp per row."""
-    logits_BC = s * (emb_hat_BD @ F.normalize(weight_CD, dim=1).transpose(0, 1))
-    classes_C = torch.arange(weight_CD.shape[0], device=labels_B.device)
-    target_BC = classes_C.unsqueeze(0) == labels_B.unsqueeze(1)
-    return torch.logsumexp(logits_BC.masked_fill(target_BC, -math.inf), dim=1)
+# (labels_B) -> (index_S sorted local rows, labels_B remapped into them; -1 = other shard)
+Sampler = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+_HALF_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _lse_and_target(
-    emb_hat_BD: torch.Tensor,
-    weight_CD: torch.Tensor,
-    labels_B: torch.Tensor,
-    s: float,
-    backend: str,
-    process_group: Optional[Any],
-    chunk_size: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(ell_B, cos_t_B)``: the non-target log-sum-exp ``log Σ_{j≠y_i} exp(s·x̂_i·ŵ_j)`` and
-    the target cosine ``x̂_i·ŵ_{y_i}``, differentiable wrt ``emb_hat_BD`` and ``weight_CD``.
-
-    The single backend dispatch point. ``'torch'`` is the plain reference (it stores the B×C
-    logits); every other backend goes to ``unpg.kernels``, which never stores them and returns
-    both vectors from one autograd node (so the weight gets one gradient buffer, not two).
-    With ``process_group`` the weight is this rank's class shard and ``emb_hat_BD``/``labels_B``
-    are the global batch; ``unpg.kernels`` combines the shards' results.
-    """
-    if backend == "torch" and process_group is None:
-        cos_t_B = (emb_hat_BD * F.normalize(weight_CD.index_select(0, labels_B), dim=1)).sum(1)
-        return _nontarget_lse_torch(emb_hat_BD, weight_CD, labels_B, s), cos_t_B
-    from unpg.kernels import nontarget_lse_and_target, sharded_nontarget_lse_and_target
-
-    kernel_backend = "chunked" if backend == "torch" else backend
-    if process_group is None:
-        return nontarget_lse_and_target(
-            emb_hat_BD, weight_CD, labels_B, s, backend=kernel_backend, chunk_size=chunk_size
-        )
-    return sharded_nontarget_lse_and_target(
-        emb_hat_BD, weight_CD, labels_B, s, process_group=process_group,
-        backend=kernel_backend, chunk_size=chunk_size,
-    )
-
-
-def _check_inputs(
-    embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, backend: str
-) -> None:
+# ----------------------------------------------------------------------------- checks
+def _check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                  backend: str, precision: str) -> None:
     """Shape/dtype/device checks: metadata only, never a host sync."""
     for name, tensor in (("embeddings", embeddings), ("labels", labels), ("weight", weight)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     if embeddings.dim() != 2 or embeddings.shape[0] == 0:
         raise ValueError(f"embeddings must be [B, D] with B >= 1, got {tuple(embeddings.shape)}")
     if weight.dim() != 2 or weight.shape[0] == 0:
@@ -131,9 +110,18 @@ def _check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: i
         )
 
 
-def _compute_dtype(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    dtype = torch.promote_types(embeddings.dtype, weight.dtype)
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+# ----------------------------------------------------------------------------- shared pieces
+def _prepare(emb_bD: torch.Tensor, weight_CD: torch.Tensor, precision: str
+             ) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """``(emb in the length-B dtype, weight, resolved precision)``: float64 if either input is
+    float64, else float32 for the small tensors; half-precision embeddings under
+    ``precision='auto'`` ask the kernel for tiles of their own precision. The weight is cast
+    only when it is not already in that dtype (an fp32 master passes through: no copy)."""
+    if precision == "auto":
+        precision = _HALF_PRECISION.get(emb_bD.dtype, "auto")
+    wide = torch.float64 in (emb_bD.dtype, weight_CD.dtype)
+    dtype = torch.float64 if wide else torch.float32
+    return emb_bD.to(dtype), weight_CD.to(dtype), precision
 
 
 def _gather_negatives(
@@ -144,96 +132,10 @@ def _gather_negatives(
     has the single-process gradient (convention in ``unpg.distributed``). ``None``: local batch."""
     if group is None:
         return emb_hat_BD, labels_B
-    from unpg.kernels import all_gather_rows, copy_to_shards
-
     # all_gather_rows keeps its own slice of the gradient; copy_to_shards first sums the
     # gathered gradient over ranks: together, rank r gets sum_k d loss_k / d rows_r.
     emb_hat_global = copy_to_shards(all_gather_rows(emb_hat_BD, group), group)
     return emb_hat_global, all_gather_rows(labels_B, group)
-
-
-def margin_softmax_loss(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    weight: torch.Tensor,
-    head: Union[str, MarginHead],
-    *,
-    unpg_wisk: Optional[float] = None,
-    backend: str = "auto",
-    process_group: Optional[Any] = None,
-    negatives_group: Optional[Any] = None,
-    return_stats: bool = False,
-    validate: bool = True,
-    chunk_size: int = 8192,
-    **head_params: Any,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
-    """Batch-mean margin-softmax loss, with UNPG negatives when ``unpg_wisk`` is not None.
-
-    Args:
-        embeddings: ``[B, D]`` unnormalised backbone outputs.
-        labels: ``[B]`` integer class indices in ``[0, C)``.
-        weight: ``[C, D]`` unnormalised class centres.
-        head: ``'arcface'|'cosface'|'magface'|'combined'`` (with ``**head_params``: ``s, m``
-            (+ ``arcface_grad``) | ``s, l_margin, u_margin, l_a, u_a, lambda_g`` |
-            ``s, m1, m2, m3``) or a prebuilt ``MarginHead`` (then no ``head_params``).
-        unpg_wisk: whisker factor of UNPG's box-and-whisker filter; None disables UNPG.
-        backend: ``'auto'`` (Triton on CUDA, chunked elsewhere), ``'triton'``, ``'chunked'``
-            (memory-lean pure torch), or ``'torch'`` (the plain reference that stores the
-            B×C logits; the test oracle).
-        process_group: class-sharded mode (partial FC): ``embeddings``/``labels`` are this
-            rank's local batch and ``weight`` its class shard ``unpg.kernels.shard_range``;
-            the loss is the global-batch mean and each rank's gradients are the matching
-            slices of the single-process gradients.
-        negatives_group: replicated data parallelism: UNPG's negatives come from the batch
-            all-gathered over this group (summing backward); everything else stays local.
-        return_stats: also return the UNPG statistics (empty dict when UNPG is off).
-        validate: check label range and finiteness of the embeddings. This costs one host sync
-            per call; the training hot path passes False. Shape/dtype checks are always done.
-        chunk_size: classes per chunk of the ``'chunked'`` backend.
-
-    Float32 and float64 inputs are computed in their dtype; fp16/bf16 are upcast to float32.
-    """
-    _check_inputs(embeddings, labels, weight, backend)
-    if isinstance(head, MarginHead):
-        if head_params:
-            raise ValueError(
-                f"got a prebuilt head {head!r} and extra head parameters {sorted(head_params)}; "
-                "pass one or the other"
-            )
-        head_obj = head
-    else:
-        head_obj = build_head(head, **head_params)
-    wisk = None if unpg_wisk is None else check_wisk(unpg_wisk)
-    if process_group is not None and negatives_group is not None:
-        raise ValueError(
-            "pass process_group (class-sharded: the loss runs on the global batch, so UNPG "
-            "already sees every rank's negatives) or negatives_group (replicated), not both"
-        )
-    if validate:
-        _check_values(embeddings, labels, _global_num_classes(weight, process_group))
-
-    dtype = _compute_dtype(embeddings, weight)
-    emb_BD, weight_CD = embeddings.to(dtype), weight.to(dtype)
-    labels_B = labels.long()
-    if process_group is not None:
-        # Class-sharded: every rank computes the global-batch loss redundantly; the gather's
-        # backward keeps this rank's slice (convention in unpg.kernels.distributed).
-        from unpg.kernels import all_gather_rows
-
-        emb_BD = all_gather_rows(emb_BD, process_group)
-        labels_B = all_gather_rows(labels_B, process_group)
-
-    norm_B = torch.linalg.vector_norm(emb_BD, dim=1)
-    emb_hat_BD = F.normalize(emb_BD, dim=1)
-    ell_B, cos_t_B = _lse_and_target(
-        emb_hat_BD, weight_CD, labels_B, head_obj.s, backend,
-        process_group, chunk_size,
-    )
-    loss, stats = assemble_loss(
-        ell_B, cos_t_B, norm_B, emb_hat_BD, labels_B, head_obj, wisk,
-        negatives_group=negatives_group,
-    )
-    return (loss, stats) if return_stats else loss
 
 
 def assemble_loss(
@@ -248,10 +150,7 @@ def assemble_loss(
     negatives_group: Optional[Any] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Everything after the B×C work, on length-B vectors with ordinary autograd:
-    ``mean_i(logsumexp([ell_i, s·psi_i, U]) − s·psi_i) + regulariser`` and the UNPG stats.
-
-    Shared by ``margin_softmax_loss`` and callers that produce ``(ell_B, cos_t_B)`` themselves
-    (``unpg.kernels.PartialFC`` with class sampling)."""
+    ``mean_i(logsumexp([ell_i, s·psi_i, U]) − s·psi_i) + regulariser`` and the UNPG stats."""
     s = head.s
     psi_B = head.target_logit(cos_t_B, norm_B)
     if unpg_wisk is None:
@@ -267,82 +166,145 @@ def assemble_loss(
     return loss, stats
 
 
-def _global_num_classes(weight: torch.Tensor, process_group: Optional[Any]) -> int:
-    """Number of classes over all shards (one all_reduce; only on the validating path)."""
-    if process_group is None:
-        return weight.shape[0]
-    import torch.distributed as dist
+# ----------------------------------------------------------------------------- the two layouts
+def local_batch_loss(
+    emb_bD: torch.Tensor,
+    labels_b: torch.Tensor,
+    weight_CD: torch.Tensor,
+    head: MarginHead,
+    unpg_wisk: Optional[float],
+    *,
+    backend: str = "auto",
+    precision: str = "auto",
+    chunk_size: int = 8192,
+    negatives_group: Optional[Any] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``(loss, unpg_stats)``: every class is in ``weight_CD``; the mean over these rows."""
+    emb_bD, weight_CD, precision = _prepare(emb_bD, weight_CD, precision)
+    labels_b = labels_b.long()
+    norm_b = torch.linalg.vector_norm(emb_bD, dim=1)
+    emb_hat_bD = F.normalize(emb_bD, dim=1)
+    ell_b, cos_t_b = lse_and_target(emb_hat_bD, weight_CD, labels_b, head.s, backend=backend,
+                                    precision=precision, chunk_size=chunk_size, class_start=0)
+    return assemble_loss(ell_b, cos_t_b, norm_b, emb_hat_bD, labels_b, head, unpg_wisk,
+                         negatives_group=negatives_group)
 
-    count = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
-    dist.all_reduce(count, group=process_group)
-    return int(count.item())
+
+def global_batch_loss(
+    emb_bD: torch.Tensor,
+    labels_b: torch.Tensor,
+    weight_local_CD: torch.Tensor,
+    head: MarginHead,
+    unpg_wisk: Optional[float],
+    *,
+    process_group: Optional[Any],
+    class_start: int,
+    backend: str = "auto",
+    precision: str = "auto",
+    chunk_size: int = 8192,
+    sampler: Optional[Sampler] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """``(loss, unpg_stats, index_S)`` with this rank's class shard ``weight_local_CD`` (global
+    classes ``[class_start, class_start + C)``): the global-batch mean, the same on every rank.
+
+    The local rows are all-gathered (backward: this rank's slice; convention in
+    ``unpg.kernels``); ``sampler`` (partial FC) picks the shard rows used by this call, returned
+    as ``index_S`` (None without sampling). ``process_group=None`` is one process."""
+    emb_bD, weight_local_CD, precision = _prepare(emb_bD, weight_local_CD, precision)
+    emb_BD = all_gather_rows(emb_bD, process_group)
+    labels_B = all_gather_rows(labels_b.long(), process_group)
+    norm_B = torch.linalg.vector_norm(emb_BD, dim=1)
+    emb_hat_BD = F.normalize(emb_BD, dim=1)
+    index_S, weight, kernel_labels_B = None, weight_local_CD, labels_B
+    if sampler is not None:
+        index_S, kernel_labels_B = sampler(labels_B)
+        weight, class_start = weight_local_CD[index_S], 0
+    ell_B, cos_t_B = lse_and_target(emb_hat_BD, weight, kernel_labels_B, head.s, backend=backend,
+                                    precision=precision, chunk_size=chunk_size,
+                                    class_start=class_start, process_group=process_group)
+    loss, stats = assemble_loss(ell_B, cos_t_B, norm_B, emb_hat_BD, labels_B, head, unpg_wisk)
+    return loss, stats, index_S
 
 
-class MarginSoftmaxLoss(nn.Module):
-    """Owns the class centres ``weight [num_classes, embedding_size]``, the head and UNPG setting.
+# ----------------------------------------------------------------------------- functional
+def _shard_counts(num_local: int, group: Any, device: torch.device) -> list:
+    """Every rank's class count (one small all_gather; the functional's sharded form only)."""
+    count_1 = torch.tensor([num_local], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(count_1) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, count_1, group=group)
+    return [int(c) for c in counts]
 
-    ``forward(embeddings, labels)`` returns the loss; the UNPG statistics of the last call are in
-    ``last_stats`` (detached 0-dim tensors, empty when UNPG is off) or returned with
-    ``return_stats=True``.
+
+def margin_softmax_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    head: Union[str, MarginHead],
+    *,
+    unpg_wisk: Optional[float] = None,
+    backend: str = "auto",
+    process_group: Optional[Any] = None,
+    precision: str = "auto",
+    negatives_group: Optional[Any] = None,
+    return_stats: bool = False,
+    validate: bool = True,
+    chunk_size: int = 8192,
+    **head_params: Any,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+    """Batch-mean margin-softmax loss, with UNPG negatives when ``unpg_wisk`` is not None.
+
+    Args:
+        embeddings: ``[B, D]`` unnormalised backbone outputs (any float dtype).
+        labels: ``[B]`` integer class indices in ``[0, C)``.
+        weight: ``[C, D]`` unnormalised class centres.
+        head: ``'arcface'|'cosface'|'magface'|'combined'`` (with ``**head_params``: ``s, m``
+            (+ ``arcface_grad``) | ``s, l_margin, u_margin, l_a, u_a, lambda_g`` |
+            ``s, m1, m2, m3``) or a prebuilt ``MarginHead`` (then no ``head_params``).
+        unpg_wisk: whisker factor of UNPG's box-and-whisker filter; None disables UNPG.
+        backend: one of ``unpg.kernels.BACKENDS``: ``'auto'`` (Triton on CUDA, chunked
+            elsewhere), ``'triton'``, ``'chunked'`` (memory-lean pure torch), or ``'torch'`` (the
+            plain reference that stores the B×C logits; the test oracle; float64 works).
+        process_group: class-sharded mode (partial FC): ``embeddings``/``labels`` are this
+            rank's local batch and ``weight`` its class shard ``unpg.kernels.shard_range``;
+            the loss is the global-batch mean and each rank's gradients are the matching
+            slices of the single-process gradients.
+        precision: one of ``unpg.kernels.PRECISIONS``: the tiles of the B×C work (see the
+            module docstring; ``'auto'`` follows half-precision embeddings, else the kernel).
+        negatives_group: replicated data parallelism: UNPG's negatives come from the batch
+            all-gathered over this group (summing backward); everything else stays local.
+        return_stats: also return the UNPG statistics (empty dict when UNPG is off).
+        validate: check label range and finiteness of the embeddings. This costs one host sync
+            per call; the training hot path passes False. Shape/dtype checks are always done.
+        chunk_size: classes per chunk of the ``'chunked'`` backend.
     """
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        head: str = "arcface",
-        *,
-        unpg_wisk: Optional[float] = None,
-        backend: str = "auto",
-        validate: bool = True,
-        **head_params: Any,
-    ) -> None:
-        super().__init__()
-        for key, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive int, got {value!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-        self.head = build_head(head, **head_params)
-        self.unpg_wisk = None if unpg_wisk is None else check_wisk(unpg_wisk)
-        self.backend = backend
-        self.validate = validate
-        # insightface (arcface_torch PartialFC) initialises the centres from N(0, 0.01).
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
-        self.last_stats: Dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def from_config(
-        cls, cfg_head: Any, cfg_unpg: Any, num_classes: int, embedding_size: int, **kwargs: Any
-    ) -> "MarginSoftmaxLoss":
-        """Build from ``unpg.config`` objects (duck-typed: ``cfg_head.params()`` with the head's
-        parameters and its name in ``cfg_head.name`` or a ``'name'`` key; ``cfg_unpg.enabled``,
-        ``cfg_unpg.wisk``)."""
-        params = dict(cfg_head.params())
-        name = params.pop("name", None) or getattr(cfg_head, "name", None)
-        if name is None:
-            raise ValueError("head config has no 'name' (expected arcface|cosface|magface|combined)")
-        wisk = cfg_unpg.wisk if cfg_unpg is not None and cfg_unpg.enabled else None
-        return cls(num_classes, embedding_size, name, unpg_wisk=wisk, **kwargs, **params)
-
-    def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
-        loss, stats = margin_softmax_loss(
-            embeddings,
-            labels,
-            self.weight,
-            self.head,
-            unpg_wisk=self.unpg_wisk,
-            backend=self.backend,
-            return_stats=True,
-            validate=self.validate,
+    _check_inputs(embeddings, labels, weight, backend, precision)
+    if isinstance(head, MarginHead):
+        if head_params:
+            raise ValueError(
+                f"got a prebuilt head {head!r} and extra head parameters {sorted(head_params)}; "
+                "pass one or the other"
+            )
+        head_obj = head
+    else:
+        head_obj = build_head(head, **head_params)
+    wisk = None if unpg_wisk is None else check_wisk(unpg_wisk)
+    if process_group is not None and negatives_group is not None:
+        raise ValueError(
+            "pass process_group (class-sharded: the loss runs on the global batch, so UNPG "
+            "already sees every rank's negatives) or negatives_group (replicated), not both"
         )
-        self.last_stats = stats
-        return (loss, stats) if return_stats else loss
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.weight.shape[0]}, embedding_size={self.weight.shape[1]}, "
-            f"head={self.head!r}, unpg_wisk={self.unpg_wisk}, backend={self.backend!r}"
-        )
+    kw = dict(backend=backend, precision=precision, chunk_size=chunk_size)
+    if process_group is None:
+        if validate:
+            _check_values(embeddings, labels, weight.shape[0])
+        loss, stats = local_batch_loss(embeddings, labels, weight, head_obj, wisk,
+                                       negatives_group=negatives_group, **kw)
+    else:
+        counts = _shard_counts(weight.shape[0], process_group, weight.device)
+        if validate:
+            _check_values(embeddings, labels, sum(counts))
+        class_start = sum(counts[:dist.get_rank(process_group)])
+        loss, stats, _ = global_batch_loss(embeddings, labels, weight, head_obj, wisk,
+                                           process_group=process_group,
+                                           class_start=class_start, **kw)
+    return (loss, stats) if return_stats else loss

@@ -65,29 +65,14 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
                          ) from exc
 
 
-def _cpu(state: Dict[Any, Dict[str, Any]]) -> Dict[Any, Dict[str, Any]]:
-    return {k: {n: (t.detach().cpu() if torch.is_tensor(t) else t) for n, t in v.items()}
-            for k, v in state.items()}
-
-
 def checkpoint_state(t: Any) -> Optional[Dict[str, Any]]:
     """The checkpoint dict of trainer ``t`` on rank 0 (None elsewhere); collective."""
-    fc_weight = t.classifier.full_weight()
-    optim_state = t.optimizer.state_dict()
-    fc_state = optim_state["state"].get(t.fc_param_index, {})
-    if t.cfg.fc.mode == "sharded":
-        gathered = {}
-        for key in sorted(fc_state):  # the same order on every rank: one gather per tensor
-            value = fc_state[key]
-            if torch.is_tensor(value) and value.dim() >= 1 and \
-                    value.shape[0] == t.classifier.num_local:
-                value = t.classifier.gather_rows(value)
-            gathered[key] = value
-        fc_state = gathered
+    # Both collective when the classifier is sharded (full [C, ...] rows on rank 0).
+    fc_weight = t.classifier.state_dict().get("weight")
+    optim_state = t.optimizer_state.state_dict()
     rng = gather_objects(ckpt_io.capture_rng(), t.ctx)
     if not t.ctx.is_main:
         return None
-    state = {k: (fc_state if k == t.fc_param_index else v) for k, v in optim_state["state"].items()}
     return {
         "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
         "global_step": t.global_step, "epoch": t.epoch, "step_in_epoch": t.step_in_epoch,
@@ -95,8 +80,7 @@ def checkpoint_state(t: Any) -> Optional[Dict[str, Any]]:
         "num_classes": t.num_classes, "world_size": t.ctx.world_size, "config": t.cfg.to_dict(),
         "backbone": {k: v.detach().cpu() for k, v in t.backbone.state_dict().items()},
         "fc_weight": fc_weight,
-        "optimizer": {**optim_state, "state": _cpu(state)},
-        "fc_param_index": t.fc_param_index,
+        "optimizer": optim_state,
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
         "rng": rng,
@@ -105,10 +89,6 @@ def checkpoint_state(t: Any) -> Optional[Dict[str, Any]]:
 
 def restore_state(t: Any, ck: Dict[str, Any], where: str) -> None:
     """Load checkpoint ``ck`` (from ``where``) into trainer ``t`` after its ``build_optim``."""
-    n_backbone = len(list(t.backbone.parameters()))
-    if ck["fc_param_index"] != n_backbone:
-        raise ValueError(f"{where}: saved for a backbone with {ck['fc_param_index']} parameter "
-                         f"tensors, this model.name has {n_backbone}")
     saved_optim = ck["config"]["optim"]["name"]
     if saved_optim != t.cfg.optim.name:
         raise ValueError(f"{where}: saved with optim.name={saved_optim}, this run has "
@@ -117,25 +97,13 @@ def restore_state(t: Any, ck: Dict[str, Any], where: str) -> None:
         t.backbone.load_state_dict(ck["backbone"], strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{where}: backbone does not match model.name: {exc}") from exc
-    t.classifier.load_full_weight(ck["fc_weight"], where)
-
-    optim_state = ck["optimizer"]
-    if t.cfg.fc.mode == "sharded":
-        optim_state = ckpt_io.slice_fc_state(optim_state, t.fc_param_index, t.classifier.start,
-                                             t.classifier.num_local, t.num_classes)
-    flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in t.optimizer.param_groups]
-    t.optimizer.load_state_dict(optim_state)
-    for group, keep in zip(t.optimizer.param_groups, flags):
-        group.update(keep)  # fused kernels follow this machine, not the one that saved
-
+    t.classifier.load_state_dict({"weight": ck["fc_weight"]}, where=where)
+    try:  # this rank's rows of the classifier group's state; fused flags of this machine
+        t.optimizer_state.load_state_dict(ck["optimizer"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{where}: optimizer state does not fit this model: {exc}") from exc
     # The schedule's shape comes from this config, its position from the checkpoint.
     t.scheduler.load_state_dict(ck["scheduler"])
-    for fn in t.scheduler.lr_lambdas:
-        fn.__dict__.update(t.schedule.__dict__)
-    t.scheduler.base_lrs = [t.cfg.optim.lr for _ in t.optimizer.param_groups]
-    for group, base in zip(t.optimizer.param_groups, t.scheduler.base_lrs):
-        group["lr"] = base * t.schedule(t.scheduler.last_epoch)
-    t.scheduler._last_lr = [g["lr"] for g in t.optimizer.param_groups]
     if t.scaler.is_enabled() and ck.get("scaler"):
         t.scaler.load_state_dict(ck["scaler"])
 

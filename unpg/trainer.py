@@ -38,22 +38,21 @@ import torch.distributed as dist
 
 from unpg import checkpoint as ckpt_io
 from unpg.config import Config, save_config
+from unpg.classifier import MarginClassifier
 from unpg.distributed import (
     DistContext,
-    FcGradAverager,
     any_rank,
     broadcast_float,
     gather_objects,
     setup_distributed,
-    wrap_backbone,
 )
 from unpg.faults import NonFiniteGuard, NonFiniteLossError
-from unpg.fc import MarginClassifier
 from unpg.grads import finalize_grads
 from unpg.logging_utils import MetricsSink, WindowMeter, format_progress
 from unpg.optim import (
+    OptimizerState,
+    Schedule,
     build_optimizer,
-    build_scheduler,
     guarded_step,
     param_groups,
     schedule_steps,
@@ -194,12 +193,13 @@ class Trainer:
         self.backbone = backbone.to(self.device)
         if cfg.model.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.model = wrap_backbone(self.backbone, self.ctx, cfg.fc.mode)
+        self.classifier = MarginClassifier.from_config(
+            cfg.fc, cfg.head, cfg.unpg, embedding_size=cfg.model.embedding_size,
+            num_classes=self.num_classes, ctx=self.ctx, seed=cfg.train.seed,
+            amp_dtype=self.amp_dtype, device=self.device)
+        self.model = self.classifier.wrap_backbone(self.backbone)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.classifier = MarginClassifier(cfg, self.num_classes, self.ctx).to(self.device)
-        self.fc_sync = (FcGradAverager(list(self.classifier.parameters()), self.ctx)
-                        if cfg.fc.mode == "replicated" else None)
         # Each rank draws its own random numbers from here on (dropout, class sampling).
         seed = cfg.train.seed + 1000 * self.ctx.rank
         random.seed(seed)
@@ -209,11 +209,12 @@ class Trainer:
     def build_optim(self) -> None:
         cfg = self.cfg
         groups = param_groups(self.backbone, self.classifier)
-        self.fc_param_index = len(groups[0]["params"])
         self.optimizer = build_optimizer(cfg.optim, groups, self.device)
-        self.schedule = schedule_steps(cfg, self.steps_per_epoch)
-        self.total_steps = self.schedule.total_steps
-        self.scheduler = build_scheduler(self.optimizer, self.schedule)
+        # Checkpoint component: the classifier group's per-row state saved as full [C, ...].
+        self.optimizer_state = OptimizerState(self.optimizer, self.classifier)
+        shape = schedule_steps(cfg.schedule, cfg.optim.lr, self.steps_per_epoch)
+        self.total_steps = shape.total_steps
+        self.scheduler = Schedule(self.optimizer, shape, cfg.optim.lr)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
 
@@ -377,19 +378,19 @@ class Trainer:
             # Gradients are reduced once, on the last micro-batch (DDP no_sync before it).
             sync = contextlib.nullcontext() if last or not self.ctx.distributed \
                 else self.model.no_sync()
-            if last and self.fc_sync is not None:
-                self.fc_sync.arm()
+            if last:
+                self.classifier.arm_grad_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     emb = self.model(x)
-                # The loss runs in float32 outside autocast (it upcasts anyway; autocast would
-                # put its B x C matmul in half precision).
-                loss, stats = self.classifier(emb.float(), y)
+                # Outside autocast: the embedding keeps the backbone's dtype, the classifier's
+                # fc.precision picks the kernel's tiles (bf16 under bf16 AMP) and its
+                # length-B math runs in float32 against the fp32 master weight.
+                loss, stats = self.classifier(emb, y)
                 self.scaler.scale(loss / n).backward()
             loss_sum = loss_sum + loss.detach()
-        if self.fc_sync is not None:
-            self.fc_sync.wait()
+        self.classifier.finish_grad_sync()
         loss = loss_sum / n
         ok = self._finalize_grads(loss)
         self._step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this update uses
@@ -410,12 +411,12 @@ class Trainer:
         """Unscale (fp16), clip, and the device-side verdict ``ok`` (``unpg.grads``)."""
         return finalize_grads(self.optimizer, loss, scaler=self.scaler,
                               clip=self.cfg.optim.grad_clip, ctx=self.ctx,
-                              fc_sharded=self.cfg.fc.mode == "sharded")
+                              classifier=self.classifier)
 
     # ========================================================================= logging / eval
     def _log_progress(self) -> None:
         meter = self._meter
-        if self.cfg.fc.mode == "replicated" and self.ctx.distributed and meter.steps:
+        if not self.classifier.loss_is_global and meter.steps:  # per-rank means: average them
             meter.average_loss_over(self.ctx.loss_group, self.ctx.world_size)
         record = meter.read()  # host sync: once per logging window
         now = time.perf_counter()

@@ -5,11 +5,13 @@ as ``__main__`` (``runpy.run_path(path, run_name="__main__", init_globals=...)``
 spawned rank. ``runpy.run_path`` is the spawn target because it is importable everywhere; a
 pytest-imported test module (importlib mode) is not importable in a child process.
 
-The sharded loss is assembled the way ``unpg.losses`` does it: all_gather_rows -> normalise ->
-(ell, cos_t) from the kernels -> margin psi -> UNPG scalar U on the global batch ->
-``mean(logsumexp(ell, s psi, U) - s psi)``. The reference is the official code's formulation: all B x C
-logits with the margin on the target column, the kept negatives appended to every row, one
-cross-entropy.
+Each scenario computes the sharded loss one way: assembled here from the kernels' entry
+(all_gather_rows -> normalise -> ``lse_and_target(process_group=...)`` -> margin psi -> UNPG
+scalar U on the global batch -> ``mean(logsumexp(ell, s psi, U) - s psi)``), or through the
+public paths: ``unpg.losses.margin_softmax_loss(process_group=...)`` and
+``unpg.classifier.MarginClassifier`` in ``sharded`` mode. The reference is the official code's
+formulation: all B x C logits with the margin on the target column, the kept negatives appended
+to every row, one cross-entropy.
 """
 # B: global batch, b: local batch, C: classes, N: kept negatives
 import math
@@ -18,24 +20,26 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from unpg.kernels import (
-    PartialFC,
-    all_gather_rows,
-    nontarget_lse_and_target,
-    shard_range,
-    sharded_nontarget_lse_and_target,
-)
+from unpg.kernels import PartialFC, all_gather_rows, lse_and_target, shard_range
+
+from unpg.classifier import MarginClassifier
+from unpg.distributed import DistContext
+from unpg.heads import build_head
+from unpg.losses import margin_softmax_loss
 
 SCALE, MARGIN = 64.0, 0.5
 SCENARIOS = {
     "arcface_unpg": dict(head="arcface", wisk=1.5, sample_rate=1.0),
     "cosface_plain": dict(head="cosface", wisk=None, sample_rate=1.0),
-    "arcface_unpg_via_process_group_arg": dict(head="arcface", wisk=1.5, sample_rate=1.0,
-                                               direct=True),
     "arcface_unpg_sampled": dict(head="arcface", wisk=1.5, sample_rate=0.5),
-    # The public entry point: unpg.losses.margin_softmax_loss(process_group=...).
+    # The public entry points: unpg.losses.margin_softmax_loss(process_group=...) and the
+    # classifier the trainer uses (fc.mode=sharded), with and without class sampling.
     "arcface_unpg_via_margin_softmax_loss": dict(head="arcface", wisk=1.5, sample_rate=1.0,
                                                  losses_api=True),
+    "arcface_unpg_via_classifier": dict(head="arcface", wisk=1.5, sample_rate=1.0,
+                                        classifier=True),
+    "cosface_sampled_via_classifier": dict(head="cosface", wisk=1.5, sample_rate=0.5,
+                                           classifier=True),
     "cosface_sampled_positives_only": dict(head="cosface", wisk=None, sample_rate=0.1),
 }
 
@@ -85,58 +89,65 @@ def assembled_loss(emb_local_bD, labels_B, head, wisk, group, lse_and_target):
     return (torch.logsumexp(torch.stack(terms, dim=1), dim=1) - spsi_B).mean()
 
 
+def _classifier_results(rank, world, group, emb_local, labels_local, weight_CD, sc):
+    """Loss and gradients through ``MarginClassifier(mode='sharded')`` on this rank."""
+    C, D = weight_CD.shape
+    ctx = DistContext(rank, world, 0, torch.device("cpu"), group)
+    clf = MarginClassifier(C, D, build_head(sc["head"], s=SCALE, m=MARGIN), unpg_wisk=sc["wisk"],
+                           mode="sharded", sample_rate=sc["sample_rate"], backend="chunked",
+                           chunk_size=5, ctx=ctx).double()
+    with torch.no_grad():  # the test's centres instead of the seeded initial ones
+        clf.weight.copy_(clf.local_rows(weight_CD))
+    torch.manual_seed(1000 + rank)  # class sampling draws from the global generator
+    loss, _ = clf(emb_local, labels_local)
+    loss.backward()
+    opt = torch.optim.SGD(clf.parameters(), lr=0.0)
+    with clf.step_context(opt):  # consumes the recorded sample: the rows this step may move
+        opt.step()
+    sampled = clf.rows_moved_by_last_step().nonzero().flatten() + clf.start
+    return dict(loss=loss.detach(), emb_grad=emb_local.grad, w_grad=clf.weight.grad,
+                sampled=sampled)
+
+
 def rank_results(rank, world, group, emb_BD, weight_CD, labels_B):
     """Loss and gradients of every scenario on this rank."""
     B, D = emb_BD.shape
     C = weight_CD.shape[0]
     b = B // world
     start, num_local = shard_range(C, rank, world)
+    labels_local = labels_B[rank * b:(rank + 1) * b]
     results = {}
     for name, sc in SCENARIOS.items():
         emb_local = emb_BD[rank * b:(rank + 1) * b].clone().requires_grad_()
         sampled = torch.arange(start, start + num_local)
-        if sc["sample_rate"] < 1.0:
-            pfc = PartialFC(D, C, sample_rate=sc["sample_rate"], process_group=group,
-                            backend="chunked", chunk_size=5, dtype=emb_BD.dtype)
-            with torch.no_grad():
-                pfc.weight.copy_(weight_CD[start:start + num_local])
-            weight = pfc.weight
-            gen = torch.Generator().manual_seed(1000 + rank)
-
-            def fn(emb_hat, pfc=pfc, gen=gen):
-                return pfc(emb_hat, labels_B, SCALE, generator=gen)
-        elif sc.get("losses_api"):
-            from unpg.losses import margin_softmax_loss
-
-            weight = weight_CD[start:start + num_local].clone().requires_grad_()
-            loss = margin_softmax_loss(
-                emb_local, labels_B[rank * b:(rank + 1) * b], weight, sc["head"],
-                unpg_wisk=sc["wisk"], backend="chunked", chunk_size=5, process_group=group,
-                s=SCALE, m=MARGIN)
-            loss.backward()
-            results[name] = dict(loss=loss.detach(), emb_grad=emb_local.grad,
-                                 w_grad=weight.grad, sampled=sampled)
+        weight = weight_CD[start:start + num_local].clone().requires_grad_()
+        if sc.get("classifier"):
+            results[name] = _classifier_results(rank, world, group, emb_local, labels_local,
+                                                weight_CD, sc)
             continue
-        elif sc.get("direct"):
-            pfc = None
-            weight = weight_CD[start:start + num_local].clone().requires_grad_()
-
-            def fn(emb_hat, weight=weight):
-                return nontarget_lse_and_target(emb_hat, weight, labels_B, SCALE,
-                                                backend="chunked", chunk_size=5,
-                                                class_start=start, process_group=group)
+        if sc.get("losses_api"):
+            loss = margin_softmax_loss(
+                emb_local, labels_local, weight, sc["head"], unpg_wisk=sc["wisk"],
+                backend="chunked", chunk_size=5, process_group=group, s=SCALE, m=MARGIN)
         else:
-            pfc = None
-            weight = weight_CD[start:start + num_local].clone().requires_grad_()
+            pfc = PartialFC(start, num_local, sc["sample_rate"]) if sc["sample_rate"] < 1 else None
+            gen = torch.Generator().manual_seed(1000 + rank)
+            seen = []
 
-            def fn(emb_hat, weight=weight):
-                return sharded_nontarget_lse_and_target(
-                    emb_hat, weight, labels_B, SCALE, process_group=group, backend="chunked",
-                    chunk_size=5)
-        loss = assembled_loss(emb_local, labels_B, sc["head"], sc["wisk"], group, fn)
+            def fn(emb_hat, weight=weight, pfc=pfc, gen=gen, seen=seen):
+                if pfc is None:
+                    return lse_and_target(emb_hat, weight, labels_B, SCALE, backend="chunked",
+                                          chunk_size=5, class_start=start, process_group=group)
+                index_S, local_labels_B = pfc.sample(labels_B, gen)
+                seen.append(index_S)
+                return lse_and_target(emb_hat, weight[index_S], local_labels_B, SCALE,
+                                      backend="chunked", chunk_size=5, class_start=0,
+                                      process_group=group)
+
+            loss = assembled_loss(emb_local, labels_B, sc["head"], sc["wisk"], group, fn)
+            if seen:
+                sampled = seen[0] + start
         loss.backward()
-        if pfc is not None:
-            sampled = pfc.last_sampled_index + start
         results[name] = dict(loss=loss.detach(), emb_grad=emb_local.grad, w_grad=weight.grad,
                              sampled=sampled)
     return results

@@ -1,4 +1,5 @@
-"""Class-sharded mode: gloo ranks vs one process, sampling, PartialFC's optimizer-state guard."""
+"""Class-sharded mode: gloo ranks vs one process (the kernels' sharded entry, the functional loss
+and the sharded classifier), sampling, PartialFC's optimizer-state guard."""
 # B: global batch, b: local batch, C: classes, D: embedding dim
 import runpy
 from pathlib import Path
@@ -6,15 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from unpg.kernels import (
-    PartialFC,
-    nontarget_lse,
-    nontarget_lse_and_target,
-    sample_classes,
-    shard_range,
-    sharded_nontarget_lse_and_target,
-    target_cosine,
-)
+from unpg.kernels import PartialFC, lse_and_target, sample_classes, shard_range
 
 WORKER = str(Path(__file__).with_name("_sharded_worker.py"))
 LIB = runpy.run_path(WORKER, run_name="sharded_worker_lib")
@@ -84,39 +77,17 @@ def test_gloo_ranks_match_single_process(tmp_path, world, b):
         assert all(bool(res["unequal_rows_raised"]) for res in ranks)
 
 
-def test_world_size_one_equals_unsharded():
+def test_one_process_assembled_loss_equals_reference():
+    """Without a group the same decomposition equals the official-formulation reference."""
     emb, weight, labels = _data(10, seed=5)
-    emb_hat = F.normalize(emb, dim=1)
-
-    def run(path):
-        x = emb_hat.clone().requires_grad_()
-        w = weight.clone().requires_grad_()
-        if path == "sharded":
-            ell, cos_t = sharded_nontarget_lse_and_target(x, w, labels, 64.0, process_group=None,
-                                                          backend="chunked", chunk_size=6)
-        elif path == "fused":
-            ell, cos_t = nontarget_lse_and_target(x, w, labels, 64.0, backend="chunked",
-                                                  chunk_size=6)
-        else:  # separate kernel and plain-autograd target cosine
-            ell = nontarget_lse(x, w, labels, 64.0, backend="chunked", chunk_size=6)
-            cos_t = target_cosine(x, w, labels)
-        (ell.sin() + cos_t.cos()).sum().backward()
-        return ell.detach(), cos_t.detach(), x.grad, w.grad
-
-    sharded, fused, separate = run("sharded"), run("fused"), run("separate")
-    for a, b, c in zip(sharded, fused, separate):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)  # same code path, bit for bit
-        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
-    # And the assembled loss equals the official-formulation reference in one process.
     for sc in LIB["SCENARIOS"].values():
-        if sc["sample_rate"] < 1.0:
+        if sc["sample_rate"] < 1.0 or sc.get("classifier") or sc.get("losses_api"):
             continue
         e = emb.clone().requires_grad_()
         w = weight.clone().requires_grad_()
         loss = LIB["assembled_loss"](
             e, labels, sc["head"], sc["wisk"], None,
-            lambda h, w=w: sharded_nontarget_lse_and_target(h, w, labels, 64.0, process_group=None,
-                                                            backend="chunked"))
+            lambda h, w=w: lse_and_target(h, w, labels, 64.0, backend="chunked", chunk_size=6))
         loss.backward()
         ref_loss, ref_de, ref_dw = _reference(emb, weight, labels, sc, torch.arange(C))
         torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-10, atol=1e-12)
@@ -152,30 +123,42 @@ def test_sample_classes_keeps_positives_and_is_deterministic():
 
 
 def test_partial_fc_step_moves_only_sampled_rows():
+    """Two forwards per step (micro-batches): the union of their samples moves; every other
+    row keeps its weight and momentum (plain SGD numbers on the moved rows)."""
     torch.manual_seed(0)
-    pfc = PartialFC(8, 30, sample_rate=0.3)
-    assert pfc.weight.shape == (30, 8) and 0.005 < pfc.weight.std().item() < 0.02
-    opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    weight = torch.nn.Parameter(torch.randn(30, 8) * 0.01)
+    pfc = PartialFC(0, 30, sample_rate=0.3)
+    opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(3)
     emb_hat = F.normalize(torch.randn(6, 8), dim=1)
-    labels = torch.tensor([1, 2, 2, 5, 9, 28])
+    label_sets = [torch.tensor([1, 2, 2, 5, 9, 28]), torch.tensor([3, 3, 4, 9, 11, 12])]
     for step in range(3):
-        ell, cos_t = pfc(emb_hat, labels, 64.0, generator=gen)
         opt.zero_grad()
-        (ell - 64.0 * cos_t).mean().backward()
-        mask = pfc.sampled_rows_mask()
-        assert mask.sum().item() == 9 and mask[[1, 2, 5, 9, 28]].all()
-        assert torch.equal(pfc.weight.grad[~mask], torch.zeros_like(pfc.weight.grad[~mask]))
-        w_before = pfc.weight.detach().clone()
-        buf = opt.state.get(pfc.weight, {}).get("momentum_buffer")
+        drawn = []
+        for labels in label_sets:
+            index_S, local_labels = pfc.sample(labels, gen)
+            drawn.append(index_S)
+            assert index_S.numel() == 9 and set(labels.tolist()) <= set(index_S.tolist())
+            ell, cos_t = lse_and_target(emb_hat, weight[index_S], local_labels, 64.0,
+                                        backend="chunked")
+            (ell - 64.0 * cos_t).mean().backward()
+        mask = torch.zeros(30, dtype=torch.bool)
+        mask[torch.cat(drawn)] = True
+        assert 9 < mask.sum() < 30
+        assert torch.equal(weight.grad[~mask], torch.zeros_like(weight.grad[~mask]))
+        w_before = weight.detach().clone()
+        buf = opt.state.get(weight, {}).get("momentum_buffer")
         buf_before = buf.clone() if buf is not None else torch.zeros_like(w_before)
-        with pfc.keep_unsampled_rows(opt):
+        with pfc.keep_unsampled_rows(weight, opt):
             opt.step()
-        buf_after = opt.state[pfc.weight]["momentum_buffer"]
-        assert torch.equal(pfc.weight[~mask], w_before[~mask]), step
+        assert torch.equal(pfc.rows_mask(pfc.last_step_index, weight.device), mask)
+        buf_after = opt.state[weight]["momentum_buffer"]
+        assert torch.equal(weight[~mask], w_before[~mask]), step
         assert torch.equal(buf_after[~mask], buf_before[~mask]), step
         # Sampled rows took a plain SGD momentum step.
-        d_p = pfc.weight.grad + 5e-4 * w_before
+        d_p = weight.grad + 5e-4 * w_before
         expect_buf = d_p if step == 0 else 0.9 * buf_before + d_p
         torch.testing.assert_close(buf_after[mask], expect_buf[mask])
-        torch.testing.assert_close(pfc.weight.detach()[mask], (w_before - 0.1 * expect_buf)[mask])
+        torch.testing.assert_close(weight.detach()[mask], (w_before - 0.1 * expect_buf)[mask])
+    with pytest.raises(ValueError, match="num_local"):
+        PartialFC(0, 0, 0.5)

@@ -34,15 +34,18 @@ def losses(run_dir):
 def assert_same_state(got, want, where):
     for key, w in want["backbone"].items():
         assert rel_err(got["backbone"][key], w) < 1e-4, f"{where}: backbone {key}"
-    assert rel_err(got["fc_weight"], want["fc_weight"]) < 1e-4, f"{where}: class centres"
-    gi, wi = got["fc_param_index"], want["fc_param_index"]
-    for idx in range(wi + 1):
-        g_idx = idx if idx < wi else gi
-        w_mom = want["optimizer"]["state"][idx]["momentum_buffer"]
-        g_mom = got["optimizer"]["state"][g_idx]["momentum_buffer"]
-        assert g_mom.shape == w_mom.shape
+    assert rel_err(got["classifier"]["weight"], want["classifier"]["weight"]) < 1e-4, \
+        f"{where}: class centres"
+    groups = [g["name"] for g in want["optimizer"]["param_groups"]]
+    assert groups == ["backbone", "classifier"]
+    assert [g["name"] for g in got["optimizer"]["param_groups"]] == groups
+    assert sorted(got["optimizer"]["state"]) == sorted(want["optimizer"]["state"])
+    for idx, w_state in want["optimizer"]["state"].items():
+        w_mom = w_state["momentum_buffer"]
+        g_mom = got["optimizer"]["state"][idx]["momentum_buffer"]
+        assert g_mom.shape == w_mom.shape  # the classifier's: full [C, D] whatever the layout
         assert rel_err(g_mom, w_mom) < 1e-4, f"{where}: momentum of parameter {idx}"
-    assert got["global_step"] == want["global_step"]
+    assert got["train_state"]["global_step"] == want["train_state"]["global_step"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,8 @@ def test_two_shard_checkpoint_resumes_on_other_world_sizes(job, world):
     ref = job(1, "replicated", 5)
     saved = job(2, "sharded", 3) / "ckpt_000000003.pt"
     two = ck.load_checkpoint(saved)
-    assert two["world_size"] == 2 and two["fc_weight"].shape == (7, 16)  # gathered, not a shard
+    assert two["train_state"]["world_size"] == 2
+    assert two["classifier"]["weight"].shape == (7, 16)  # gathered, not a shard
     run = job(world, "sharded", 5, resume=saved)
     got, want = losses(run), losses(ref)
     assert sorted(got) == [4, 5]
@@ -102,14 +106,15 @@ def test_class_sampling_moves_only_sampled_rows(helpers, tmp_path):
                                  "optim.accum_steps=2", "train.max_steps=1")
     factory = lambda c, r, w, d, train=True: helpers["MemoryLoader"](images, labels, c, r, w, d)  # noqa: E731
     t = Trainer(cfg, loader_factory=factory).setup()
-    before = t.classifier.local_weight.detach().clone()
-    images_b, labels_b = next(iter(t._epoch_batches()))
+    before = t.classifier.weight.detach().clone()
+    t.loader.set_epoch(0)
+    images_b, labels_b = next(iter(t.loader))
     out = t.train_step(images_b, labels_b)
     assert bool(out["ok"])
-    moved = (t.classifier.local_weight.detach() != before).any(dim=1)
-    sampled = t.classifier.pfc.sampled_rows_mask()
+    moved = (t.classifier.weight.detach() != before).any(dim=1)
+    sampled = t.classifier.rows_moved_by_last_step()
     assert moved.any() and not moved[~sampled].any()
     assert set(labels_b.tolist()) <= set(sampled.nonzero().flatten().tolist())
     assert sampled.sum() < 20  # 2 micro-batches of 4 labels, 8 sampled rows each at most
-    mom = t.optimizer.state[t.classifier.local_weight]["momentum_buffer"]
+    mom = t.optimizer.state[t.classifier.weight]["momentum_buffer"]
     assert torch.equal(mom[~sampled], torch.zeros_like(mom[~sampled]))
