@@ -1,10 +1,10 @@
-# make install | make test   (see README.md)
+# make install | make test | make test-fast | make demo   (see README.md)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint clean gpu-wheels demo
+.PHONY: install test test-fast lint clean gpu-wheels demo
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The quick tier for the edit-test loop: everything not marked `slow` (subprocess runs, gloo
+# ranks, fault injection, whole-backbone training). CI runs the full `make test`.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 # Synthetic faces -> ArcFace + UNPG on the CPU -> 10-fold verification on held-out identities.
 demo: $(VENV)/.installed
