@@ -1,21 +1,27 @@
-"""Training checkpoints: atomic files in the run folder, rotation, loading and FC resharding.
+"""Training checkpoint *files*: their layout, names, atomic writing and checked reading.
 
-A checkpoint is one ``torch.save`` file of plain types and tensors (so ``torch.load(...,
-weights_only=True)`` reads it)::
+What goes into a checkpoint and when is decided by ``unpg.checkpointing.CheckpointManager``; this
+module only knows the file. A checkpoint is one ``torch.save`` dict of plain types and tensors
+(so ``torch.load(..., weights_only=True)`` reads it), one entry per training component::
 
-    format, version, global_step, epoch, step_in_epoch, best_score, config (dict)
-    backbone    backbone state_dict (no DDP/compile prefixes)
-    fc_weight   the FULL class-centre matrix [C, D], whatever the number of shards
-    optimizer   optimizer state_dict; the FC parameter's state tensors are full [C, ...] too
-    fc_param_index   index of the FC weight in the optimizer's flat parameter order
-    scheduler, scaler (or None), rng (one entry per rank: python, numpy, torch, cuda)
+    format, version, run_id, config (the resolved config as a dict)
+    train_state  the trainer's counters: global_step, epoch, step_in_epoch, steps_per_epoch,
+                 best_score, num_classes, world_size
+    backbone     backbone state_dict (no DDP/compile prefixes)
+    classifier   {"weight": the FULL class-centre matrix [C, D]}, whatever the number of shards
+    optimizer    optimizer state_dict; the classifier group's per-row state is full [C, ...] too
+    schedule     {"steps_done": optimizer steps done}
+    scaler       GradScaler state ({} without fp16 loss scaling)
+    rng          one entry per rank: python, numpy, torch, cuda
 
-Saving the FC gathered makes a checkpoint independent of the GPU count and of ``fc.mode``:
-``slice_fc_state`` cuts a rank's rows back out on load (``unpg.kernels.shard_range`` layout).
-Files are ``ckpt_<global step>.pt`` (the newest ``train.keep_last`` are kept) and ``best.pt``.
+Everything per-row is saved gathered, so a checkpoint is independent of the process count and
+of ``fc.mode``. Files in the run folder: ``ckpt_<global step>.pt`` and ``best.pt``; an
+interrupted save leaves only a temporary ``.ckpt_<step>.pt.<random>.tmp`` (``unpg.fileio``), which
+``remove_stale_temporaries`` deletes.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -23,16 +29,19 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from unpg.fileio import atomic_write
 
-__all__ = ["FORMAT", "VERSION", "atomic_save", "capture_rng", "checkpoint_path",
-           "latest_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
-           "restore_rng", "slice_fc_state"]
+__all__ = ["BEST_NAME", "FORMAT", "VERSION", "atomic_save", "capture_rng", "checkpoint_path",
+           "checkpoint_step", "is_checkpoint_temporary", "latest_checkpoint", "list_checkpoints",
+           "load_backbone_weights", "load_checkpoint", "remove_stale_temporaries", "restore_rng"]
 
-FORMAT, VERSION = "unpg-train-checkpoint", 1
+FORMAT, VERSION = "unpg-train-checkpoint", 2
 BEST_NAME = "best.pt"
 _NAME_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+# unpg.fileio.atomic_write's temporaries of our checkpoint files: .<name>.<random>.tmp
+_TEMP_RE = re.compile(r"^\.(ckpt_\d+\.pt|best\.pt)\.[A-Za-z0-9_]+\.tmp$")
 PathLike = Union[str, Path]
 
 
@@ -40,19 +49,41 @@ def checkpoint_path(run_dir: PathLike, global_step: int) -> Path:
     return Path(run_dir) / f"ckpt_{global_step:09d}.pt"
 
 
+def checkpoint_step(path: PathLike) -> int:
+    """Global step encoded in a ``ckpt_<step>.pt`` name (-1 for other names)."""
+    m = _NAME_RE.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
 def list_checkpoints(run_dir: PathLike) -> List[Path]:
     """Step checkpoints of ``run_dir``, oldest first (``best.pt`` and temporaries excluded)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := _NAME_RE.match(p.name)) and p.is_file()]
+    found = [(checkpoint_step(p), p) for p in run_dir.iterdir()
+             if _NAME_RE.match(p.name) and p.is_file()]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def is_checkpoint_temporary(name: str) -> bool:
+    """True for the temporary name of an interrupted checkpoint save."""
+    return bool(_TEMP_RE.match(name))
+
+
+def remove_stale_temporaries(run_dir: PathLike) -> List[Path]:
+    """Delete what interrupted saves left in ``run_dir`` (only our temporary pattern)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if is_checkpoint_temporary(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_save(obj: Dict[str, Any], path: PathLike) -> Path:
@@ -63,18 +94,9 @@ def atomic_save(obj: Dict[str, Any], path: PathLike) -> Path:
     return Path(path)
 
 
-def prune_checkpoints(run_dir: PathLike, keep_last: int) -> List[Path]:
-    """Delete all but the newest ``keep_last`` step checkpoints; return the deleted paths."""
-    ckpts = list_checkpoints(run_dir)
-    doomed = ckpts[:-keep_last] if keep_last > 0 else ckpts
-    for p in doomed:
-        p.unlink(missing_ok=True)
-    return doomed
-
-
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (memory-mapped: a rank touches only its rows)
-    and check that it is one of ours."""
+    and check that it is one of ours, of this version. ``ValueError`` says what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (train.resume takes 'auto', '' or "
@@ -89,23 +111,38 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
                          f"from backbone weights use model.weights=FILE instead of train.resume")
     if ckpt.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not supported "
-                         f"(this code reads version {VERSION})")
+                         f"(this code reads version {VERSION}); its backbone still loads with "
+                         f"model.weights=FILE")
     return ckpt
 
 
-# ----------------------------------------------------------------------------- FC resharding
-def slice_fc_state(optim_state: Dict[str, Any], fc_index: int, start: int, num_local: int,
-                   num_classes: int) -> Dict[str, Any]:
-    """A copy of ``optim_state`` whose FC-parameter tensors with ``num_classes`` rows keep only
-    rows ``[start, start + num_local)``; every other entry is shared, not copied."""
-    state = dict(optim_state["state"])
-    fc_state = state.get(fc_index)
-    if fc_state is not None:
-        state[fc_index] = {
-            k: (v[start:start + num_local].clone()
-                if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == num_classes else v)
-            for k, v in fc_state.items()}
-    return {**optim_state, "state": state}
+def load_backbone_weights(backbone: nn.Module, path: str) -> None:
+    """``model.weights``: a state dict, one of our checkpoints, or ``{'state_dict': ...}``;
+    ``module.`` / ``_orig_mod.`` prefixes (DDP, torch.compile) are stripped."""
+    if not os.path.isfile(path):
+        raise ValueError(f"model.weights={path}: file not found; give a backbone state dict or "
+                         f"a training checkpoint, or set model.weights= (empty) to start fresh")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"model.weights={path}: cannot read it with torch.load(weights_only="
+                         f"True) ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, dict) and "backbone" in obj:
+        obj = obj["backbone"]
+    elif isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"model.weights={path}: expected a state dict, got {type(obj).__name__}")
+    state = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        state[key] = value
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"model.weights={path} does not fit model.name's architecture: {exc}"
+                         ) from exc
 
 
 # ----------------------------------------------------------------------------- RNG

@@ -181,6 +181,7 @@ class TrainConfig(Section):
     output_dir: str = "runs"
     name: str = "default"  # the run folder is output_dir/name
     resume: str = ""  # "" = fresh, "auto" = latest checkpoint of this run, or a checkpoint path
+    overwrite: bool = False  # a fresh run may delete an earlier run's files in its run folder
     save_every: int = field_(1000, ge=0)  # steps; 0 = no step checkpoints
     keep_last: int = field_(3, ge=1)
     log_every: int = field_(50, ge=1)

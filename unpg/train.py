@@ -9,9 +9,10 @@ keys: ``--model`` (model.name), ``--head`` (head.name), ``--unpg_wisk W`` (unpg.
 unpg.wisk=W), ``--name`` (train.name), ``--weights`` (model.weights), ``--resume``
 (train.resume=auto); explicit ``key=value`` overrides win over them.
 
-Exit codes: 0 done, or stopped by SIGTERM after saving a checkpoint; 2 bad config / data
-(message on stderr says what to change); 3 the loss stayed non-finite; SIGINT re-raises
-``KeyboardInterrupt`` after saving.
+Exit codes: 0 done, or stopped by SIGTERM after saving a checkpoint; 2 bad config, data or
+output folder, found before training or during it (a corrupt sample under
+``loader.on_corrupt=error``): one ``error:`` line on stderr says what to change; 3 the loss
+stayed non-finite; SIGINT re-raises ``KeyboardInterrupt`` after saving.
 """
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
+
+from unpg.config import load_config  # noqa: E402
+from unpg.distributed import teardown_distributed  # noqa: E402
+from unpg.loaders import CorruptSampleError  # noqa: E402
+from unpg.runtime import tune_cpu_allocator  # noqa: E402
+from unpg.trainer import NonFiniteLossError, Trainer  # noqa: E402
 
 __all__ = ["build_parser", "main", "resolve_config", "shorthand_overrides"]
 
@@ -75,8 +82,6 @@ def shorthand_overrides(args: argparse.Namespace) -> List[str]:
 
 def resolve_config(argv: Optional[Sequence[str]] = None):
     """Parse ``argv`` into a validated ``Config`` (raises ``ValueError`` on bad input)."""
-    from unpg.config import load_config
-
     args = build_parser().parse_intermixed_args(argv)  # flags may follow key=value overrides
     return load_config(args.config, shorthand_overrides(args) + list(args.overrides))
 
@@ -87,13 +92,20 @@ def _setup_logging() -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for one re-raised from a DataLoader worker (``Caught X in
+    DataLoader worker ... Original Traceback ...``) the original message, its last line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        name = f"{type(exc).__name__}: "
+        text = last.split(name, 1)[1] if name in last else last
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse -> build -> train; the process group is always torn down."""
     _setup_logging()
-    from unpg.distributed import teardown_distributed
-    from unpg.runtime import tune_cpu_allocator
-    from unpg.trainer import NonFiniteLossError, Trainer
-
     trainer = None
     try:
         try:
@@ -109,6 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except NonFiniteLossError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
+        except CorruptSampleError as exc:  # loader.on_corrupt=error met a corrupt sample
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 2
         log.info("finished: %s at step %d, checkpoint %s", result["reason"],
                  result["global_step"], result["checkpoint"])
         return 0

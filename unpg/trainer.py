@@ -1,9 +1,12 @@
 """``Trainer``: one training run, from the resolved config to the last checkpoint.
 
-Read top to bottom: ``setup`` = ``setup_distributed`` -> ``check_config`` -> ``build_data`` ->
+Read top to bottom: ``setup`` = ``setup_distributed`` -> ``check_config`` -> the run folder
+(``unpg.checkpointing.RunFolder.claim``: ours? resume from where?) -> ``build_data`` ->
 ``build_model`` -> ``build_optim`` -> ``maybe_resume``; ``train`` loops over epochs and batches
 calling ``train_step``, logging every ``train.log_every`` steps, evaluating every ``eval.every``
-and checkpointing every ``train.save_every`` steps and at each epoch end.
+and checkpointing every ``train.save_every`` steps and at each epoch end. The components own
+their state (``state_dict``/``load_state_dict``: this trainer's counters, backbone, classifier,
+optimizer, schedule, scaler, RNGs); ``unpg.checkpointing.CheckpointManager`` collects them.
 
 Gradient accumulation (``optim.accum_steps``) splits each rank's batch into micro-batches
 (loss / n each, DDP ``no_sync`` until the last, one optimizer and scheduler step). It equals one
@@ -30,25 +33,29 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from unpg import checkpoint as ckpt_io
-from unpg.config import Config, save_config
+from unpg.checkpoint import checkpoint_step, load_backbone_weights
+from unpg.checkpointing import CheckpointManager, RNGState, RunFolder, ScalerState
 from unpg.classifier import MarginClassifier
+from unpg.config import Config
 from unpg.distributed import (
     DistContext,
     any_rank,
     broadcast_float,
-    gather_objects,
     setup_distributed,
 )
+from unpg.eval.bins import evaluate_bins
 from unpg.faults import NonFiniteGuard, NonFiniteLossError
 from unpg.grads import finalize_grads
+from unpg.loaders import CorruptSampleError, build_loader
 from unpg.logging_utils import MetricsSink, WindowMeter, format_progress
+from unpg.models import build_backbone
+from unpg.models.registry import resolve_name
 from unpg.optim import (
     OptimizerState,
     Schedule,
@@ -58,7 +65,6 @@ from unpg.optim import (
     schedule_steps,
 )
 from unpg.signals import StopSignals
-from unpg.train_state import checkpoint_state, ckpt_step, load_backbone_weights, restore_state
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -93,6 +99,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.best_score = -math.inf
         self.last_checkpoint: Optional[Path] = None
+        self.resume_from: Optional[Path] = None  # chosen by RunFolder.claim in setup
         self.loader: Any = None
         self.sink: Optional[MetricsSink] = None
         self.signals = StopSignals()
@@ -106,7 +113,10 @@ class Trainer:
         resuming; then give ``num_classes`` to the constructor and ``steps_per_epoch`` here."""
         self.setup_distributed()
         self.check_config()
+        self.folder = RunFolder(self.run_dir, self.ctx)
         if data:
+            # Before any work: the run folder is writable and ours; which checkpoint to resume.
+            self.resume_from = self.folder.claim(self.cfg.train.resume, self.cfg.train.overwrite)
             self.build_data()
         else:
             if self.num_classes is None or steps_per_epoch is None:
@@ -138,53 +148,24 @@ class Trainer:
             if missing:
                 raise ValueError(f"verification file(s) not found: {', '.join(missing)} (from "
                                  f"eval.bins / data.val_bins); fix the paths, or set eval.every=0")
-        resume = cfg.train.resume
-        if resume not in ("", "auto") and not os.path.isfile(resume):
-            raise ValueError(f"train.resume={resume}: no such checkpoint file; use 'auto' (the "
-                             f"latest in {self.run_dir}) or the path of a .pt checkpoint")
         if cfg.model.weights and not os.path.isfile(cfg.model.weights):
             raise ValueError(f"model.weights={cfg.model.weights}: file not found")
-        from unpg.models.registry import resolve_name
-
         resolve_name(cfg.model.name)  # unknown backbone: ValueError listing the known ones
 
     def build_data(self) -> None:
         cfg = self.cfg
-        factory = self.loader_factory
-        if factory is None:
-            rec = cfg.data.rec
-            if not rec:
-                raise ValueError("data.rec is empty: set data.rec=FOLDER holding train.rec, "
-                                 "train.idx and property (insightface layout), e.g. one written "
-                                 "by python -m unpg.data.synthetic --out FOLDER ...")
-            if not os.path.isdir(rec):
-                raise ValueError(f"data.rec={rec}: folder not found; point data.rec at the "
-                                 f"folder with train.rec / train.idx / property")
-            for name in ("train.rec", "train.idx"):
-                if not os.path.isfile(os.path.join(rec, name)):
-                    raise ValueError(f"data.rec={rec}: {name} is missing; the folder must hold "
-                                     f"train.rec, train.idx and property (insightface layout)")
-            from unpg.loaders import build_loader as factory
+        # The loader checks what it reads (the data key of loader.name, data.num_classes, at
+        # least one global batch) and says how to fix it.
+        factory = self.loader_factory or build_loader
         self.loader = factory(cfg, self.ctx.rank, self.ctx.world_size, self.device, train=True)
-        data_classes = int(self.loader.num_classes)
-        source = cfg.data.rec or "the training loader"
-        if cfg.data.num_classes and cfg.data.num_classes != data_classes:
-            raise ValueError(f"data.num_classes={cfg.data.num_classes} but {source} has "
-                             f"{data_classes} classes; set data.num_classes={data_classes} or 0 "
-                             f"(read from the data), or fix data.rec")
-        if self.num_classes is not None and self.num_classes != data_classes:
-            raise ValueError(f"num_classes={self.num_classes} given but {source} has "
-                             f"{data_classes} classes")
-        self.num_classes = data_classes
+        if self.num_classes is not None and self.num_classes != self.loader.num_classes:
+            raise ValueError(f"num_classes={self.num_classes} given but the training data has "
+                             f"{self.loader.num_classes} classes")
+        self.num_classes = int(self.loader.num_classes)
         self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{source} yields no full global batch of {cfg.train.batch_size}; "
-                             f"lower train.batch_size")
 
     def build_model(self) -> None:
         cfg = self.cfg
-        from unpg.models import build_backbone
-
         torch.manual_seed(cfg.train.seed)  # the same initial backbone on every rank
         backbone = build_backbone(cfg.model.name, embedding_size=cfg.model.embedding_size,
                                   dropout=cfg.model.dropout, channels_last=cfg.model.channels_last)
@@ -217,21 +198,18 @@ class Trainer:
         self.scheduler = Schedule(self.optimizer, shape, cfg.optim.lr)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
+        # Every component owns its state; the manager only collects it (order = save order).
+        self.checkpoints = CheckpointManager(self.folder, {
+            "train_state": self, "backbone": self.backbone, "classifier": self.classifier,
+            "optimizer": self.optimizer_state, "schedule": self.scheduler,
+            "scaler": ScalerState(self.scaler), "rng": RNGState(self.ctx),
+        }, keep_last=cfg.train.keep_last, config=cfg.to_dict())
 
     def maybe_resume(self) -> None:
-        """``train.resume``: '' fresh, 'auto' the latest checkpoint of the run folder, or a path."""
-        resume = self.cfg.train.resume
-        path: Optional[Path] = None
-        if resume == "auto":
-            latest = ckpt_io.latest_checkpoint(self.run_dir) if self.ctx.is_main else None
-            found = gather_objects(str(latest) if latest else "", self.ctx)[0]  # rank 0 decides
-            path = Path(found) if found else None
-            if path is None and self.ctx.is_main:
-                log.info("train.resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
-        elif resume:
-            path = Path(resume)
+        """Load the checkpoint ``RunFolder.claim`` chose for ``train.resume`` (if any)."""
+        path = self.resume_from
         if path is not None:
-            self.load_state(ckpt_io.load_checkpoint(path), str(path))
+            self.checkpoints.load(path)
             self.last_checkpoint = path
             if self.ctx.is_main:
                 log.info("resumed from %s at step %d (epoch %d, batch %d)", path,
@@ -244,8 +222,8 @@ class Trainer:
         on SIGINT and ``NonFiniteLossError`` when the loss stays non-finite."""
         cfg = self.cfg
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            self.folder.begin()
+            self.folder.write_config(cfg, self.global_step)
             self.sink = MetricsSink(self.run_dir, resume_step=self.global_step)
             log.info("training %s: %d classes, %d steps/epoch x %d epochs, global batch %d on %d "
                      "process(es), device %s, amp %s, fc %s", cfg.model.name, self.num_classes,
@@ -259,6 +237,9 @@ class Trainer:
         with self.signals:
             try:
                 reason = self._run_epochs(stop_at)
+            except CorruptSampleError:
+                self._save_before_data_error()
+                raise
             finally:
                 if self.sink is not None:
                     self.sink.close()
@@ -272,6 +253,13 @@ class Trainer:
         return {"reason": reason, "global_step": self.global_step,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "eval": self.last_eval}
+
+    def _save_before_data_error(self) -> None:
+        """Keep the steps done before a corrupt sample stopped the run (one process only: the
+        other ranks of a distributed run would wait in the save's collectives for this one)."""
+        if not self.ctx.distributed and self.global_step and not self._saved_now():
+            log.warning("saved %s before stopping on corrupt data; fix the data or set loader."
+                        "on_corrupt=skip, then resume (--resume)", self.save_checkpoint())
 
     def _run_epochs(self, stop_at: int) -> str:
         cfg = self.cfg
@@ -340,7 +328,7 @@ class Trainer:
         if reason == "done" and self.cfg.eval.every > 0 and self.cfg.verification_bins and \
                 self.last_eval.get("step") != self.global_step:
             self.evaluate()
-        if self.last_checkpoint is None or ckpt_step(self.last_checkpoint) != self.global_step:
+        if not self._saved_now():
             self.save_checkpoint()
         if reason not in ("done", "max_steps") and self.ctx.is_main:
             log.warning("%s received: saved %s at step %d; resume with train.resume=auto",
@@ -404,9 +392,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "ok": ok, **stats}
 
-    def _all_params(self) -> List[torch.Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
-
     def _finalize_grads(self, loss: torch.Tensor) -> torch.Tensor:
         """Unscale (fp16), clip, and the device-side verdict ``ok`` (``unpg.grads``)."""
         return finalize_grads(self.optimizer, loss, scaler=self.scaler,
@@ -443,8 +428,6 @@ class Trainer:
         results: Dict[str, Any] = {}
         score = math.nan
         if self.ctx.is_main:
-            from unpg.eval.bins import evaluate_bins
-
             # The unwrapped backbone: no DDP collective; evaluate_bins restores train mode.
             results = evaluate_bins(self.backbone, cfg.verification_bins,
                                     batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
@@ -467,27 +450,32 @@ class Trainer:
         return self.last_eval
 
     # ========================================================================= checkpoints
-    def state_for_checkpoint(self) -> Optional[Dict[str, Any]]:
-        """The checkpoint dict on rank 0, None elsewhere (collective; ``unpg.train_state``)."""
-        return checkpoint_state(self)
+    def state_dict(self) -> Dict[str, Any]:
+        """The trainer's own counters (checkpoint component ``train_state``): the position in
+        the schedule and in the data (epoch, batches of it consumed), the best score."""
+        return {"global_step": self.global_step, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "best_score": self.best_score, "num_classes": self.num_classes,
+                "world_size": self.ctx.world_size}
 
-    def save_checkpoint(self, best: bool = False) -> Optional[Path]:
-        """Write ``ckpt_<step>.pt`` (and prune to ``train.keep_last``) or ``best.pt``. Every
-        rank must call it; rank 0 writes. Refuses when the fault limit was already crossed."""
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.best_score = float(state["best_score"])
+        if int(state["steps_per_epoch"]) != self.steps_per_epoch and self.ctx.is_main:
+            log.warning("saved with %d steps/epoch, now %d (global batch or data changed); the "
+                        "epoch position is kept", state["steps_per_epoch"], self.steps_per_epoch)
+
+    def _saved_now(self) -> bool:
+        return self.last_checkpoint is not None and \
+            checkpoint_step(self.last_checkpoint) == self.global_step
+
+    def save_checkpoint(self, best: bool = False) -> Path:
+        """Write ``ckpt_<step>.pt`` (rotating this run's to ``train.keep_last``) or ``best.pt``.
+        Every rank must call it; rank 0 writes. Refuses when the fault limit was crossed."""
         if self.guard is not None and self.guard.over_limit():
             self.guard.check(self.global_step, self.last_checkpoint)
-        state = self.state_for_checkpoint()
-        path = (self.run_dir / ckpt_io.BEST_NAME if best
-                else ckpt_io.checkpoint_path(self.run_dir, self.global_step))
-        if self.ctx.is_main:
-            ckpt_io.atomic_save(state, path)
-            if not best:
-                ckpt_io.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
-            log.info("saved %s", path)
+        path = self.checkpoints.save(self.global_step, best=best)
         if not best:
             self.last_checkpoint = path
         return path
-
-    def load_state(self, ck: Dict[str, Any], where: str) -> None:
-        """Restore a checkpoint of any world size / ``fc.mode`` (``unpg.train_state``)."""
-        restore_state(self, ck, where)

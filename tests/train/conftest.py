@@ -1,4 +1,6 @@
-"""Fixtures of the training tests: the helper module (loaded by path) and a tiny synthetic rec."""
+"""Fixtures of the training tests: the helper module (loaded by path), a tiny synthetic rec, a
+tiny in-memory training run, metrics.jsonl reading and a gloo launcher."""
+import json
 import os
 import runpy
 import socket
@@ -27,6 +29,42 @@ def tiny_rec(tmp_path_factory):
     ensure_dataset(str(out), identities=8, images_per_identity=6, val_identities=10,
                    val_pairs=20, seed=0, workers=1, progress=False)
     return out
+
+
+def train_losses(run_dir) -> list:
+    """``[(step, loss)]`` of the training rows of ``run_dir/metrics.jsonl``."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="session")
+def losses():
+    """``losses(run_dir)`` -> ``[(step, loss)]`` from metrics.jsonl."""
+    return train_losses
+
+
+@pytest.fixture(scope="session")
+def memory_run(helpers):
+    """``memory_run(out, *overrides, loader_box=None)`` -> ``(trainer, result)``: the tiny
+    in-memory run (5 classes x 8 images, global batch 8: 5 steps per epoch, 2 epochs, a
+    checkpoint every 3 steps, the newest 2 kept) through ``Trainer.setup().train()``."""
+    from unpg.trainer import Trainer
+
+    images, labels = helpers["make_data"](n_classes=5, per_class=8)
+
+    def run(out, *overrides, loader_box=None):
+        def factory(cfg, rank, world, device, train=True):
+            loader = helpers["MemoryLoader"](images, labels, cfg, rank, world, device)
+            if loader_box is not None:
+                loader_box.append(loader)
+            return loader
+
+        cfg = helpers["tiny_config"](out, "schedule.epochs=2", "train.save_every=3",
+                                     "train.keep_last=2", *overrides)
+        trainer = Trainer(cfg, loader_factory=factory).setup()
+        return trainer, trainer.train()
+
+    return run
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from unpg.kernels import shard_range
 
 from unpg import checkpoint as ck
 
@@ -23,19 +22,6 @@ def test_atomic_save_never_leaves_partial_files(tmp_path):
         ck.atomic_save({"a": torch.zeros(1000), "b": Unpicklable()}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))  # old intact
-
-
-def test_prune_keeps_newest_and_ignores_best(tmp_path):
-    for step in (5, 40, 7, 100, 12):
-        ck.atomic_save({"s": step}, ck.checkpoint_path(tmp_path, step))
-    ck.atomic_save({"s": -1}, tmp_path / ck.BEST_NAME)
-    deleted = ck.prune_checkpoints(tmp_path, keep_last=2)
-    assert sorted(p.name for p in deleted) == ["ckpt_000000005.pt", "ckpt_000000007.pt",
-                                               "ckpt_000000012.pt"]
-    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["ckpt_000000040.pt",
-                                                               "ckpt_000000100.pt"]
-    assert ck.latest_checkpoint(tmp_path).name == "ckpt_000000100.pt"
-    assert (tmp_path / ck.BEST_NAME).exists()
 
 
 def test_load_checkpoint_rejects_foreign_files(tmp_path):
@@ -58,65 +44,27 @@ def test_rng_state_round_trip(tmp_path):
     assert want[0] == got[0] and want[1] == got[1] and torch.equal(want[2], got[2])
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_slice_fc_state_reshards_rows(world):
-    C, D, fc_index = 7, 4, 3
-    full = {"momentum_buffer": torch.arange(C * D, dtype=torch.float32).view(C, D),
-            "step": torch.tensor(5.0)}
-    optim_state = {"state": {0: {"momentum_buffer": torch.ones(2)}, fc_index: full},
-                   "param_groups": [{"params": [0, 1, 2]}, {"params": [3]}]}
-    parts = []
-    for rank in range(world):
-        start, n = shard_range(C, rank, world)
-        sliced = ck.slice_fc_state(optim_state, fc_index, start, n, C)
-        parts.append(sliced["state"][fc_index]["momentum_buffer"])
-        assert sliced["state"][fc_index]["step"] is full["step"]
-        assert sliced["state"][0] is optim_state["state"][0]
-    assert torch.equal(torch.cat(parts), full["momentum_buffer"])
-
-
-def _run(helpers, out, *overrides, loader_box=None):
-    from unpg.trainer import Trainer
-
-    images, labels = helpers["make_data"](n_classes=5, per_class=8)  # 40 images: 5 steps/epoch
-
-    def factory(cfg, rank, world, device, train=True):
-        loader = helpers["MemoryLoader"](images, labels, cfg, rank, world, device)
-        if loader_box is not None:
-            loader_box.append(loader)
-        return loader
-
-    cfg = helpers["tiny_config"](out, "schedule.epochs=2", "train.save_every=3",
-                                 "train.keep_last=2", *overrides)
-    trainer = Trainer(cfg, loader_factory=factory).setup()
-    return trainer, trainer.train()
-
-
-def _losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-
-
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
-def test_resume_mid_epoch_reproduces_the_uninterrupted_run_exactly(helpers, tmp_path, optim):
-    full, _ = _run(helpers, tmp_path / "full", f"optim.name={optim}")
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run_exactly(memory_run, losses, tmp_path,
+                                                                   optim):
+    full, _ = memory_run(tmp_path / "full", f"optim.name={optim}")
     assert full.global_step == 10
     # Interrupted at step 7 (epoch 2, batch 2 of 5), then resumed from the latest checkpoint.
-    part, result = _run(helpers, tmp_path / "part", "train.max_steps=7", f"optim.name={optim}")
+    part, result = memory_run(tmp_path / "part", "train.max_steps=7", f"optim.name={optim}")
     assert result["reason"] == "max_steps" and result["global_step"] == 7
     run_dir = tmp_path / "part" / "run"
     assert [p.name for p in ck.list_checkpoints(run_dir)] == ["ckpt_000000006.pt",
                                                               "ckpt_000000007.pt"]  # keep_last=2
-    saved = ck.load_checkpoint(run_dir / "ckpt_000000007.pt")
+    saved = ck.load_checkpoint(run_dir / "ckpt_000000007.pt")["train_state"]
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 2, 7)
     box = []
-    resumed, result = _run(helpers, tmp_path / "part", "train.resume=auto", f"optim.name={optim}",
-                           loader_box=box)
+    resumed, result = memory_run(tmp_path / "part", "train.resume=auto", f"optim.name={optim}",
+                                 loader_box=box)
     assert result["global_step"] == 10
     # Epoch 2 is read once from its start: 2 batches skipped (same order), 3 trained on.
     assert box[0].batches_read == 5
     # Bit-identical loss sequence (the resumed run appended steps 8..10 to metrics.jsonl).
-    assert _losses(run_dir) == _losses(tmp_path / "full" / "run")
+    assert losses(run_dir) == losses(tmp_path / "full" / "run")
     for a, b in zip(full.backbone.state_dict().values(), resumed.backbone.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(full.classifier.weight, resumed.classifier.weight)
@@ -126,8 +74,8 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run_exactly(helpers, tmp_
     assert full.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
 
 
-def test_best_checkpoint_follows_verification_accuracy(helpers, tiny_rec, tmp_path):
-    trainer, result = _run(helpers, tmp_path / "best", "eval.every=2",
+def test_best_checkpoint_follows_verification_accuracy(memory_run, tiny_rec, tmp_path):
+    trainer, result = memory_run(tmp_path / "best", "eval.every=2",
                            f"eval.bins=[{tiny_rec / 'synth_val.bin'}]", "eval.batch_size=40",
                            "train.max_steps=6")
     run_dir = tmp_path / "best" / "run"
@@ -136,5 +84,6 @@ def test_best_checkpoint_follows_verification_accuracy(helpers, tiny_rec, tmp_pa
     assert [s for s, _ in evals] == [2, 4, 6]
     best_step, best_acc = max(evals, key=lambda e: (e[1], -e[0]))  # first of equal maxima
     best = ck.load_checkpoint(run_dir / ck.BEST_NAME)
+    best = best["train_state"]
     assert best["global_step"] == best_step and best["best_score"] == pytest.approx(best_acc)
     assert 0.0 <= best_acc <= 1.0

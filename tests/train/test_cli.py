@@ -39,9 +39,11 @@ def test_bad_config_and_missing_data_exit_2_with_a_fix(capsys, tmp_path):
     assert main(["optim.lr=fast"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr" in err and "fast" in err
-    assert main([f"data.rec={tmp_path / 'none'}", "train.device=cpu"]) == 2
+    assert main([f"data.rec={tmp_path / 'none'}", "train.device=cpu",
+                 f"train.output_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
-    assert "data.rec=" in err and "folder not found" in err
+    assert err.startswith(f"error: data.rec={tmp_path / 'none'}") and err.count("\n") == 1
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing written
 
 
 def _train_records(run_dir):
@@ -76,7 +78,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tiny_rec, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM received" in out
     latest = ck.latest_checkpoint(tmp_path / "sig")
-    saved = ck.load_checkpoint(latest)  # complete and loadable with weights_only=True
+    saved = ck.load_checkpoint(latest)["train_state"]  # complete, loads with weights_only=True
     k = saved["global_step"]
     assert k >= 3 and latest.name == f"ckpt_{k:09d}.pt"
     assert saved["epoch"] * 6 + saved["step_in_epoch"] == k  # 48 images / 8 = 6 batches/epoch
@@ -113,6 +115,7 @@ def test_torchrun_two_processes_sharded(tiny_rec, tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     saved = ck.load_checkpoint(tmp_path / "ddp" / "ckpt_000000002.pt")
-    assert saved["world_size"] == 2 and saved["fc_weight"].shape == (8, 32)
+    assert saved["train_state"]["world_size"] == 2
+    assert saved["classifier"]["weight"].shape == (8, 32)
     assert saved["config"]["unpg"] == {"enabled": True, "wisk": 1.5}
     assert [s for s, _ in _train_records(tmp_path / "ddp")] == [1, 2]

@@ -72,19 +72,17 @@ def test_too_many_nonfinite_steps_stop_naming_step_and_checkpoint(helpers, tmp_p
     assert trainer.global_step == 5
 
 
-def test_missing_data_folder_is_reported_before_training(tmp_path):
+def test_missing_data_is_reported_before_anything_is_written(tmp_path):
     from unpg.config import load_config
 
-    cfg = load_config(None, [f"data.rec={tmp_path / 'nope'}", "train.device=cpu"])
-    with pytest.raises(ValueError, match=r"data.rec=.*nope: folder not found"):
-        Trainer(cfg).setup()
-    empty = load_config(None, ["train.device=cpu"])
-    with pytest.raises(ValueError, match="data.rec is empty"):
-        Trainer(empty).setup()
+    out = f"train.output_dir={tmp_path / 'out'}"
     (tmp_path / "half").mkdir()
-    half = load_config(None, [f"data.rec={tmp_path / 'half'}", "train.device=cpu"])
-    with pytest.raises(ValueError, match="train.rec is missing"):
-        Trainer(half).setup()
+    for rec, pattern in [(tmp_path / "nope", r"data.rec=.*nope"), ("", "data.rec"),
+                         (tmp_path / "half", r"data.rec=.*half.*train.rec")]:
+        cfg = load_config(None, [f"data.rec={rec}", "train.device=cpu", out])
+        with pytest.raises(ValueError, match=pattern):
+            Trainer(cfg).setup()
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
 
 
 def test_class_count_mismatch_is_reported(tiny_rec, tmp_path):
@@ -103,8 +101,9 @@ def test_world_size_and_file_checks(helpers, tmp_path):
     trainer.ctx = DistContext(rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"train.batch_size=6 .* 2 x 2; .* multiple of 4"):
         trainer.check_config()
+    with pytest.raises(ValueError, match="checkpoint not found: /no/such.pt"):
+        Trainer(helpers["tiny_config"](tmp_path, "train.resume=/no/such.pt")).setup()
     for override, pattern in [
-        ("train.resume=/no/such.pt", "train.resume=/no/such.pt: no such checkpoint"),
         ("model.weights=/no/w.pt", "model.weights=/no/w.pt: file not found"),
         ("model.name=resnet-9000", "unknown backbone 'resnet-9000'"),
     ]:
