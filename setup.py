@@ -50,5 +50,7 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # simplejpeg: a strict decoder that also catches JPEGs damaged inside the entropy data.
         "jpeg": ["simplejpeg>=1.7"],
+        # The fused cross-entropy peers bench/loss.py compares the kernel against (CUDA only).
+        "bench": ["cut-cross-entropy", "liger-kernel"],
     },
 )

@@ -7,6 +7,9 @@ new bucket, none in steady state) and cached for the process. Buckets are powers
 and C and the exact D, so a training run tunes once. Under ``TRITON_INTERPRET=1`` one fixed
 plan is used: the interpreter cannot run multi-config tuning and its cost is per program.
 
+``UNPG_TRITON_AUTOTUNE=0`` skips the timing and takes each set's first candidate that compiles
+(the GPU tests use it: they check results, and tuning would multiply their compile time).
+
 ``LAST_LAUNCH`` records the compute dtype and plan of the latest launch of each kernel, so a
 test can see what a call really ran (e.g. bf16 tiles for bf16 embeddings with an fp32 weight).
 """
@@ -17,10 +20,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import triton
+from triton.testing import do_bench
 
 from . import triton_kernels as tk
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import, as here
+AUTOTUNE = os.environ.get("UNPG_TRITON_AUTOTUNE", "1") != "0"
 TILE_CODES = {"ieee": 0, "tf32": 1, "bf16": 2, "fp16": 3}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DX_PARTIAL_BYTES = 64 * 2**20  # cap of the dX pass's [splits, B, D] fp32 partials
@@ -48,7 +53,7 @@ def _candidates(kind: str, half: bool) -> Tuple[Plan, ...]:
     registers; a block_do below D recomputes the products once per D block, so the sets trade
     register pressure against recomputation."""
     if kind == "fwd":
-        if half:
+        if half:  # the first of each set is the conservative one (see UNPG_TRITON_AUTOTUNE)
             return (Plan(128, 128, 64, num_warps=8, num_stages=3),
                     Plan(64, 128, 64, num_warps=4, num_stages=4),
                     Plan(128, 256, 64, num_warps=8, num_stages=3),
@@ -58,12 +63,13 @@ def _candidates(kind: str, half: bool) -> Tuple[Plan, ...]:
                 Plan(64, 128, 32, num_warps=4, num_stages=3))
     # dx: (block_b rows, block_c classes); dw: (block_b rows, block_c classes) likewise.
     if half:
-        return (Plan(64, 64, 64, block_do=512, num_warps=8, num_stages=2),
+        return (Plan(64, 64, 64, block_do=256, num_warps=8, num_stages=2),
+                Plan(64, 64, 64, block_do=512, num_warps=8, num_stages=2),
                 Plan(64, 128, 64, block_do=256, num_warps=8, num_stages=2),
                 Plan(128, 64, 64, block_do=256, num_warps=8, num_stages=2),
                 Plan(64, 64, 64, block_do=128, num_warps=4, num_stages=3))
-    return (Plan(64, 64, 32, block_do=256, num_warps=8, num_stages=2),
-            Plan(64, 64, 32, block_do=128, num_warps=4, num_stages=2),
+    return (Plan(64, 64, 32, block_do=128, num_warps=4, num_stages=2),
+            Plan(64, 64, 32, block_do=256, num_warps=8, num_stages=2),
             Plan(32, 64, 32, block_do=512, num_warps=8, num_stages=2))
 
 
@@ -106,22 +112,25 @@ def choose_plan(kind: str, tile: str, x_BD: torch.Tensor, w_CD: torch.Tensor,
         return _fit(forced, D)
     if INTERPRET or x_BD.device.type != "cuda":
         return _fit(interpreter_plan(kind), D)
+    half = tile in ("bf16", "fp16")
     key = (kind, tile, x_BD.dtype, w_CD.dtype, triton.next_power_of_2(B),
            triton.next_power_of_2(C), D, x_BD.device.index)
     if key not in _TUNED:
-        from triton.testing import do_bench
-
-        best, best_ms = None, float("inf")
-        for plan in dict.fromkeys(_fit(p, D) for p in _candidates(kind, tile in ("bf16", "fp16"))):
+        best, best_ms, error = None, float("inf"), None
+        for plan in dict.fromkeys(_fit(p, D) for p in _candidates(kind, half)):
             try:
-                ms = do_bench(lambda p=plan: launch(p), warmup=5, rep=20)
-            except Exception:  # a config the compiler cannot fit (registers/shared memory)
+                ms = do_bench(lambda p=plan: launch(p), warmup=5, rep=20) if AUTOTUNE \
+                    else launch(plan) or 0.0
+            except Exception as exc:  # a config the compiler cannot fit (shared memory...)
+                error = exc
                 continue
             if ms < best_ms:
                 best, best_ms = plan, ms
+            if not AUTOTUNE:
+                break  # the first candidate that compiles
         if best is None:
             raise RuntimeError(f"triton {kind} kernel: no candidate tile plan compiled for "
-                               f"B={B} C={C} D={D} {tile}")
+                               f"B={B} C={C} D={D} {tile}") from error
         _TUNED[key] = best
     return _TUNED[key]
 
