@@ -14,6 +14,11 @@ upper-triangle values, same-label pairs pushed to +inf so they sort last, tensor
 quartiles and a keep-mask. With nothing kept (batch of one, all labels equal) ``U = −inf`` and all
 gradients are exactly zero.
 
+The statistics also carry ``neg_hist``: the in-batch negatives' cosine similarities counted in
+``HIST_BINS`` fixed bins over ``[-1, 1]`` (``index_add_`` of a 0/1 weight, so the shape never
+depends on the data and no host sync is needed). The training logs sum it over a logging window
+and draw it as TensorBoard's histogram (``unpg.logging_utils``).
+
 # B: batch, D: embedding dim, P: B·(B−1)/2 upper-triangle pairs
 """
 from __future__ import annotations
@@ -24,7 +29,17 @@ from typing import Dict, Tuple
 
 import torch
 
-__all__ = ["unpg_logsumexp", "check_wisk"]
+__all__ = ["HIST_BINS", "HIST_RANGE", "check_wisk", "hist_edges", "negative_histogram",
+           "unpg_logsumexp"]
+
+HIST_BINS = 64  # bins of width 1/32 over [-1, 1]: fine enough to see the kept interval move
+HIST_RANGE = (-1.0, 1.0)
+
+
+def hist_edges(bins: int = HIST_BINS) -> list:
+    """The ``bins + 1`` bin edges of ``neg_hist`` (equal widths over ``HIST_RANGE``)."""
+    lo, hi = HIST_RANGE
+    return [lo + (hi - lo) * i / bins for i in range(bins + 1)]
 
 
 def check_wisk(wisk) -> float:
@@ -52,6 +67,22 @@ def _masked_logsumexp(logits_P: torch.Tensor, keep_P: torch.Tensor) -> torch.Ten
     return torch.where(any_kept, peak + torch.log(total), torch.full_like(total, -math.inf))
 
 
+def negative_histogram(sim_P: torch.Tensor, neg_P: torch.Tensor, bins: int = HIST_BINS
+                       ) -> torch.Tensor:
+    """Counts (int64 ``[bins]``) of ``sim_P[neg_P]`` in equal bins over ``[-1, 1]``.
+
+    Bins are half-open ``[a, b)`` except the last, ``[a, 1]``, as ``numpy.histogram``; values a
+    rounding error outside ``[-1, 1]`` land in the end bins. Sync-free: every pair is added
+    with weight 0 or 1 instead of selecting the negatives.
+    """
+    lo, hi = HIST_RANGE
+    sim_P = sim_P.detach().to(torch.promote_types(sim_P.dtype, torch.float32))
+    scaled_P = (sim_P - lo) * (bins / (hi - lo))
+    bin_P = scaled_P.floor().clamp_(0, bins - 1).to(torch.int64)
+    counts = torch.zeros(bins, dtype=torch.int64, device=sim_P.device)
+    return counts.index_add_(0, bin_P, neg_P.to(torch.int64))
+
+
 def unpg_logsumexp(
     emb_hat_BD: torch.Tensor, labels_B: torch.Tensor, s: float, wisk: float
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -68,7 +99,8 @@ def unpg_logsumexp(
         through the kept similarities. ``stats`` holds detached 0-dim tensors:
         ``num_negatives`` (l, int64), ``num_kept`` (int64), ``q1``, ``q3``, ``lower``,
         ``upper`` (NaN when l = 0), ``min``, ``max`` of the kept similarities (NaN when
-        nothing is kept). Reading them for logs is the caller's (one) host sync.
+        nothing is kept), and ``neg_hist`` (int64 ``[HIST_BINS]``, ``negative_histogram`` of
+        every negative, kept or not). Reading them for logs is the caller's (one) host sync.
     """
     if emb_hat_BD.dim() != 2:
         raise ValueError(f"emb_hat_BD must be [B, D], got shape {tuple(emb_hat_BD.shape)}")
@@ -119,5 +151,6 @@ def unpg_logsumexp(
             "upper": torch.where(has_neg, upper, nan),
             "min": torch.where(any_kept, kept_min, nan),
             "max": torch.where(any_kept, kept_max, nan),
+            "neg_hist": negative_histogram(sim_P, neg_P),
         }
     return u, stats

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unpg.logging_utils import WindowMeter, format_progress
+from unpg.negatives import HIST_BINS
 from unpg.trainer import Trainer, resolve_amp
 
 
@@ -22,6 +23,20 @@ def test_window_meter_averages_finite_steps_and_counts_skips():
     assert rec["loss"] == 3.0 and rec["skipped"] == 1
     assert rec["unpg/num_kept"] == 7 and rec["unpg/num_negatives"] == 10  # latest step
     assert rec["unpg/q1"] == pytest.approx(-0.1) and meter.steps == 0 and meter.read() == {}
+    assert rec["unpg/kept_fraction"] == pytest.approx((9 + 9 + 7) / 30)  # over the window
+
+
+def test_window_meter_sums_histogram_and_reads_once():
+    meter = WindowMeter()
+    hist = torch.arange(HIST_BINS)
+    for k in range(3):
+        meter.add(torch.tensor(1.0), torch.tensor(True),
+                  {"num_negatives": torch.tensor(10), "num_kept": torch.tensor(k),
+                   "neg_hist": hist * (k + 1)})
+    rec = meter.read()
+    assert rec["unpg/neg_hist"] == (hist * 6).tolist()
+    assert rec["unpg/kept_fraction"] == pytest.approx(3 / 30)
+    assert "neg_hist" not in rec and all(isinstance(v, int) for v in rec["unpg/neg_hist"])
 
 
 def test_progress_line_has_every_field():
@@ -73,6 +88,9 @@ def test_metrics_jsonl_and_tensorboard_events(helpers, tmp_path):
         assert {"loss", "lr", "images_per_sec", "eta_sec", "epoch", "unpg/num_kept", "unpg/q1",
                 "unpg/q3", "unpg/lower", "unpg/upper"} <= set(r)
         assert math.isfinite(r["loss"]) and 0 < r["unpg/num_kept"] <= r["unpg/num_negatives"]
+        # Window sums (2 steps): the histogram holds every negative of both steps.
+        assert len(r["unpg/neg_hist"]) == HIST_BINS and sum(r["unpg/neg_hist"]) >= \
+            r["unpg/num_negatives"] and 0 < r["unpg/kept_fraction"] <= 1
     events = [f for f in os.listdir(run / "tb") if f.startswith("events.out.tfevents")]
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
