@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from unpg.recordio import (
+    CorruptRecordError,
     FaceRecIndex,
     FaceRecWriter,
     IndexedRecordIO,
@@ -380,9 +381,11 @@ def test_unpack_short_payloads(tmp_path):
     with pytest.raises(RecordIOError, match="flag 3"):
         unpack(struct.pack("<IfQQ", 3, 0.0, 0, 0) + b"\0" * 8)
     write_rec(tmp_path, [(0, pack(IRHeader(0, 1.0, 0, 0), b"a")), (1, b"tiny")], "train")
-    with pytest.raises(RecordIOError) as e:
-        FaceRecIndex.open(tmp_path)
-    assert_names(e, tmp_path / "train.rec", "key 1", "byte offset 36", "too short")
+    # An image-only rec: the damaged record's label is unknown, so it is left out and reported.
+    with FaceRecIndex.open(tmp_path) as index:
+        assert index.image_keys.tolist() == [0] and index.labels.tolist() == [1]
+        assert [(k, o) for k, o, _ in index.damaged] == [(1, 36)]
+        assert "too short" in index.damaged[0][2]
 
 
 def _face_rec(tmp_path, image_labels, ranges, first_id=None, identity_id=0):
@@ -421,6 +424,81 @@ def test_face_rec_consistency_checks(tmp_path):
     with FaceRecIndex.open(tmp_path) as index:
         assert index.identity_ranges.tolist() == [[1, 3], [3, 4], [4, 6]]
         assert index.labels.tolist() == [0, 0, 1, 2, 2]
+
+
+# ----------------------------------------------------------------------------- damaged records
+def _small_face_rec(d, classes=3, per_class=3):
+    images = [(c, f"img-{c}-{k}".encode()) for c in range(classes) for k in range(per_class)]
+    with FaceRecWriter(d) as w:
+        for label, data in images:
+            w.add(label, data)
+    return images
+
+
+def _smash(rec_path, offset, what=b"\xde\xad\xbe\xef"):
+    with open(rec_path, "r+b") as f:  # overwrite the record's magic word in place
+        f.seek(offset)
+        f.write(what)
+
+
+def test_damaged_image_record_header_is_reported_not_fatal(tmp_path):
+    images = _small_face_rec(tmp_path)
+    offsets = idx_dict(tmp_path / "train.idx")
+    _smash(tmp_path / "train.rec", offsets[4])  # key 4: the first image of class 1 (a probed one)
+    with FaceRecIndex.open(tmp_path) as index:
+        assert index.labels.tolist() == [c for c, _ in images] and len(index) == 9
+        assert [(k, o) for k, o, _ in index.damaged] == [(4, offsets[4])]
+        for i, (label, data) in enumerate(images):
+            if i == 3:
+                with pytest.raises(CorruptRecordError) as e:
+                    index.read_image(i)
+                assert (e.value.key, e.value.offset) == (4, offsets[4])
+                assert_names(e, tmp_path / "train.rec", "key 4", f"byte offset {offsets[4]}", "bad magic")
+                assert isinstance(e.value, RecordIOError)
+            else:
+                assert index.read_image(i) == (label, data)
+
+
+def test_damaged_length_and_short_header_are_corrupt_records(tmp_path):
+    _small_face_rec(tmp_path)
+    offsets = idx_dict(tmp_path / "train.idx")
+    # key 5: a record length running past the end of the file (the magic is intact)
+    _smash(tmp_path / "train.rec", offsets[5] + 4, struct.pack("<I", (1 << 29) - 1))
+    with FaceRecIndex.open(tmp_path) as index:
+        with pytest.raises(CorruptRecordError, match="runs past the end"):
+            index.read_image(4)
+        assert index.read_image(5)[0] == 1
+
+
+def test_damaged_header_or_identity_record_is_a_plain_error(tmp_path):
+    _small_face_rec(tmp_path)
+    offsets = idx_dict(tmp_path / "train.idx")
+    _smash(tmp_path / "train.rec", offsets[10])  # the first identity record
+    with pytest.raises(RecordIOError) as e:
+        FaceRecIndex.open(tmp_path)
+    assert not isinstance(e.value, CorruptRecordError)
+    assert_names(e, "key 10", "identity record is damaged")
+    _small_face_rec(tmp_path)
+    _smash(tmp_path / "train.rec", 0)  # the header record
+    with pytest.raises(RecordIOError, match="header record .key 0. is damaged"):
+        FaceRecIndex.open(tmp_path)
+
+
+def test_rec_without_images_is_refused(tmp_path):
+    (tmp_path / "train.rec").write_bytes(b"")
+    (tmp_path / "train.idx").write_text("")
+    with pytest.raises(RecordIOError, match="has no images"):
+        FaceRecIndex.open(tmp_path)
+    # Only a header record pointing at an empty identity list: no images either.
+    write_rec(tmp_path, [(0, pack(IRHeader(2, [1.0, 1.0], 0, 0), b""))], "train")
+    with pytest.raises(RecordIOError, match="has no images"):
+        FaceRecIndex.open(tmp_path)
+
+
+def test_corrupt_record_error_pickles():
+    e = pickle.loads(pickle.dumps(CorruptRecordError("a.rec", 3, 40, "bad magic")))
+    assert (e.path, e.key, e.offset, e.reason) == ("a.rec", 3, 40, "bad magic")
+    assert str(e) == "a.rec: key 3, byte offset 40: bad magic"
 
 
 # ----------------------------------------------------------------------------- workers, parser
