@@ -6,7 +6,9 @@
 ``--rec``: an insightface rec (train.rec/.idx/property); every image record's JPEG bytes are
 copied as stored (no second lossy encode), in rec order, with their label and record key.
 ``--images``: a folder of identity subfolders (sorted names -> labels 0, 1, ...); JPEG files are
-copied as they are, other formats (PNG, BMP...) are stored as raw planar RGB pixels (lossless).
+copied as they are once they pass ``unpg.loaders.decode.verify_jpeg`` (the one strict corrupt
+check shared with the loaders, ``inspect`` and ``prepare_dali``), other formats (PNG, BMP...) are
+stored as raw planar RGB pixels (lossless).
 ``--raw``: decode everything once and store raw pixels (bigger file, no decoding when loading).
 The format (versioned header, metadata table, pages) is ``unpg.loaders.packed_format``; the file
 is written under a temporary name and renamed when complete. An existing ``--out`` is replaced only
@@ -25,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unpg.fileio import claim_output_file
-from unpg.loaders.decode import DecodeError, cpu_decoder, jpeg_header
+from unpg.loaders.decode import DecodeError, cpu_decoder, jpeg_header, verify_jpeg
 from unpg.loaders.packed_format import (
     DEFAULT_PAGE_SIZE,
     FMT_JPEG,
@@ -51,7 +53,9 @@ def parse_size(text: str) -> int:
 
 
 def _raw(jpeg: bytes, shape: Tuple[int, int, int]) -> np.ndarray:
-    """Planar RGB pixels ``[3, H, W]`` (the packed format's raw layout)."""
+    """Planar RGB pixels ``[3, H, W]`` (the packed format's raw layout) of a JPEG that passes the
+    project's one strict check (libjpeg warnings count as corrupt: no garbage pixels stored)."""
+    verify_jpeg(jpeg, shape[1:])
     out = np.empty(shape, np.uint8)
     cpu_decoder("cv2")(np.frombuffer(jpeg, np.uint8), out)
     return out
@@ -144,9 +148,7 @@ def pack_images(images_dir, out, *, image_size: int = 112, page_size: int = DEFA
             hdr = jpeg_header(data)
             try:
                 if hdr is not None and not raw:
-                    if hdr[:2] != hw:
-                        raise DecodeError(f"{hdr[0]}x{hdr[1]} image")
-                    cpu_decoder("cv2")(np.frombuffer(data, np.uint8), np.empty((3,) + hw, np.uint8))
+                    verify_jpeg(data, hw)  # the strict check: the loaders' definition of corrupt
                     w.add(data, label, fmt=FMT_JPEG, height=hw[0], width=hw[1], key=number)
                     continue
                 bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -194,7 +196,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
         else:
             summary = pack_images(a.images, a.out, image_size=a.image_size, page_size=page,
                                   raw=a.raw, on_corrupt=a.on_corrupt, force=a.force)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:  # ImportError: the strict check's simplejpeg
         ap.exit(2, f"pack: error: {e}\n")
     print(f"{a.out}: {summary['samples']} samples of {summary['num_classes']} classes "
           f"({os.path.getsize(a.out) / 2**20:.1f} MiB); use data.ffcv_file={a.out}")

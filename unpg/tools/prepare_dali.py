@@ -8,9 +8,10 @@ insightface's header and identity records break decoding; and it shuffles only i
 ``initial_fill`` records, so a class-sorted rec would give batches of few identities. The layout
 written is described in ``unpg.loaders.dali_layout``. Record payloads (IRHeader with the label,
 then the JPEG) are copied byte for byte, never re-encoded. With verification (default) every JPEG
-is decoded once (``simplejpeg`` in strict mode when installed, as strict as DALI; else ``cv2``,
-which misses damage inside the compressed data); corrupt ones are dropped and listed in the manifest (``--on-corrupt skip``,
-default) or stop the run naming file and key (``error``): DALI itself cannot skip a bad image.
+passes ``unpg.loaders.decode.verify_jpeg`` once (the one strict check shared with the loaders,
+``inspect`` and ``pack``: libjpeg warnings count as corrupt); corrupt ones, and records whose
+header is damaged, are dropped and listed in the manifest (``--on-corrupt skip``, default) or stop
+the run naming file and key (``error``): DALI itself cannot skip a bad image.
 Every file is written under a temporary name and renamed; the manifest is removed first and
 written last, so a folder is complete exactly when its manifest matches its files. A non-empty
 ``--out`` is refused unless prepare_dali wrote it (its ``unpg_manifest.json`` or DALI manifest says
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from unpg.fileio import atomic_write_json, atomic_write_text, claim_output_dir
 from unpg.loaders.dali_layout import DALI_INDEX, FORMAT, MANIFEST, VERSION, shard_names
-from unpg.loaders.decode import DecodeError, strict_cpu_decoder
+from unpg.loaders.decode import DecodeError, verify_jpeg
 from unpg.recordio import CorruptRecordError, FaceRecIndex, IndexedRecordIO, parse_idx, unpack
 
 log = logging.getLogger("unpg.tools.prepare_dali")
@@ -47,14 +48,11 @@ def shuffle_order(n: int, seed: int) -> np.ndarray:
 def _verify(src: FaceRecIndex, order: np.ndarray, image_size: Tuple[int, int], workers: int,
             on_corrupt: str, progress: bool) -> List[Dict[str, Any]]:
     """Decode every image once; return ``[{key, reason}]`` of the corrupt ones."""
-    decode = strict_cpu_decoder()
-    shape = (3, image_size[0], image_size[1])
-
     def check(i: int) -> Optional[Tuple[int, str]]:
         key = int(src.image_keys[i])
         try:
             _, jpeg = src.read_image(i)
-            decode(np.frombuffer(jpeg, np.uint8), np.empty(shape, np.uint8))
+            verify_jpeg(jpeg, image_size)  # the project's one definition of a corrupt JPEG
         except (DecodeError, CorruptRecordError) as e:
             return key, str(e)
         return None
@@ -171,7 +169,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     try:
         m = prepare_dali(a.rec, a.out, shards=a.shards, seed=a.seed, verify=not a.no_verify,
                          on_corrupt=a.on_corrupt, workers=a.workers, force=a.force)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:  # ImportError: the strict check's simplejpeg
         ap.exit(2, f"prepare_dali: error: {e}\n")
     print(f"{a.out}: {m['num_images']} images of {m['num_classes']} classes in "
           f"{len(m['shards'])} shard(s); {len(m['skipped'])} corrupt dropped; "
