@@ -2,8 +2,8 @@
 
 ``build_loader(cfg, rank, world_size, device, train=True)`` returns an iterable with ``len()``
 and ``set_epoch(epoch)`` yielding ``(images, labels)`` on ``device``: images float32
-``[B, 3, H, W]`` normalised per ``data.normalize`` (randomly mirrored when ``train``), labels
-int64 ``[B]``, ``B = train.batch_size // world_size``. The shared sample-order contract is in
+``[b, 3, H, W]`` normalised per ``data.normalize`` (randomly mirrored when ``train``), labels
+int64 ``[b]``, ``b = train.batch_size // world_size``. The shared sample-order contract is in
 ``unpg.loaders.base``; DALI's deviations from it are documented in ``unpg.loaders.dali``.
 
 ==========  =========================================  ======================================
@@ -11,6 +11,7 @@ backend     reads                                      prepare with
 ==========  =========================================  ======================================
 torch       ``data.rec`` (insightface rec as is)       nothing
 ffcv        ``data.ffcv_file`` (packed, page-aligned)  ``python -m unpg.tools.pack``
+                                                           (``packed.py``: FFCV-style, no FFCV)
 dali        ``data.dali_dir`` (image-only shards)      ``python -m unpg.tools.prepare_dali``
 ==========  =========================================  ======================================
 """
@@ -26,25 +27,25 @@ from .base import (
     to_device_normalized,
 )
 from .corrupt import CorruptSampleError
+from .dali import DaliLoader
+from .packed import PackedLoader
+from .sources import check_source
+from .torch_loader import TorchLoader
 
-__all__ = ["build_loader", "BaseLoader", "EpochPlan", "epoch_plan", "epoch_permutation",
-           "quasi_random_permutation", "per_rank_batch", "to_device_normalized",
-           "CorruptSampleError"]
+__all__ = ["build_loader", "check_source", "BaseLoader", "EpochPlan", "epoch_plan",
+           "epoch_permutation", "quasi_random_permutation", "per_rank_batch",
+           "to_device_normalized", "CorruptSampleError"]
+
+_BACKENDS = {"torch": TorchLoader, "ffcv": PackedLoader, "dali": DaliLoader}
 
 
 def build_loader(cfg, rank: int, world_size: int, device, *, train: bool = True) -> BaseLoader:
-    """The loader ``cfg.loader.name`` selects, for ``rank`` of ``world_size`` on ``device``."""
+    """The loader ``cfg.loader.name`` selects, for ``rank`` of ``world_size`` on ``device``.
+
+    Only the chosen backend's data key is read and checked (``check_source``); each backend gets
+    the ``data`` and ``loader`` sections plus the global batch and seed of ``train``."""
     name = cfg.loader.name
-    if name == "torch":
-        from .torch_loader import TorchLoader
-
-        return TorchLoader(cfg, rank, world_size, device, train)
-    if name == "ffcv":
-        from .ffcv import FFCVLoader
-
-        return FFCVLoader(cfg, rank, world_size, device, train)
-    if name == "dali":
-        from .dali import DaliLoader
-
-        return DaliLoader(cfg, rank, world_size, device, train)
-    raise ValueError(f"loader.name must be one of torch, ffcv, dali; got {name!r}")
+    check_source(cfg.data, name)
+    return _BACKENDS[name](cfg.data, cfg.loader, global_batch=cfg.train.batch_size,
+                          seed=cfg.train.seed, rank=rank, world_size=world_size, device=device,
+                          train=train)

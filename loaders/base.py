@@ -9,7 +9,7 @@ per *position* of the epoch permutation from ``(seed, e)`` as well, so flips are
 identical for every backend that follows the plan (torch, ffcv). DALI cannot follow it exactly;
 ``unpg.loaders.dali`` documents what it gives instead.
 
-Legend: N batch, H height, W width, C channels (3, RGB).
+Legend: N batch (here: the per-rank batch ``b``), H height, W width; 3 RGB channels.
 """
 from __future__ import annotations
 
@@ -191,24 +191,29 @@ def check_num_classes(cfg_num_classes: int, data_num_classes: int, source: str) 
 class BaseLoader:
     """Shared state of every backend: per-rank batch, epoch, normalisation, device.
 
-    Subclasses implement ``__iter__`` (yielding ``(images float32 [B,3,H,W], labels int64 [B])``
-    on ``device``) and set ``num_samples`` and ``num_classes`` before ``len()`` is used.
+    Backends take their config sections (``data``: ``DataConfig``, ``opts``: ``LoaderConfig``) and
+    explicit arguments, not the whole config. Subclasses implement ``__iter__`` (yielding
+    ``(images float32 [b,3,H,W], labels int64 [b])`` on ``device``) and set ``num_samples`` and
+    ``num_classes`` before ``len()`` is used.
     """
 
     num_samples: int = 0
     num_classes: int = 0
 
-    def __init__(self, cfg, rank: int, world_size: int, device: DeviceLike, train: bool):
-        self.cfg, self.rank, self.world_size, self.train = cfg, int(rank), int(world_size), train
-        self.batch_size = per_rank_batch(cfg.train.batch_size, self.world_size)
+    def __init__(self, data, opts, *, global_batch: int, seed: int, rank: int, world_size: int,
+                 device: DeviceLike, train: bool):
+        self.data, self.opts = data, opts
+        self.rank, self.world_size, self.train = int(rank), int(world_size), train
+        self.global_batch = global_batch
+        self.batch_size = per_rank_batch(global_batch, self.world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
         self.device = torch.device(device)
-        self.seed = cfg.train.seed
-        self.image_size = cfg.data.image_size
-        self.mean, self.std = mean_std(cfg.data.normalize)
+        self.seed = seed
+        self.image_size = data.image_size
+        self.mean, self.std = mean_std(data.normalize)
         self.epoch = 0
-        self.on_corrupt = cfg.loader.on_corrupt
+        self.on_corrupt = opts.on_corrupt
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order (and flips) the next iteration yields."""
@@ -221,6 +226,9 @@ class BaseLoader:
         return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)
 
     def _check_enough(self, source: str) -> None:
+        if self.num_samples == 0:
+            raise ValueError(f"{source} holds no images (0 image records): it is empty or was "
+                             f"written incompletely; point the loader at a dataset with images")
         if len(self) == 0:
             raise ValueError(f"{source} has {self.num_samples} images, fewer than one global batch "
-                             f"(train.batch_size={self.cfg.train.batch_size}); lower the batch size")
+                             f"(train.batch_size={self.global_batch}); lower the batch size")

@@ -1,5 +1,9 @@
 """Bad data policy (``loader.on_corrupt``) shared by the torch and ffcv loaders.
 
+A sample is corrupt when its JPEG fails the decoder's check (``DecodeError``; with the default
+``simplejpeg`` decoder that is ``decode.verify_jpeg``'s strictness) or its record is damaged
+(``unpg.recordio.CorruptRecordError``). Both are handled alike:
+
 ``error``: the first sample that does not decode stops the run with ``CorruptSampleError`` naming
 the file, the record key and the reason (raised inside a worker, it propagates to the training
 loop; nothing hangs).
@@ -16,10 +20,14 @@ from __future__ import annotations
 import logging
 from typing import Callable, List, NamedTuple, Tuple
 
+from unpg.recordio import CorruptRecordError
+
 from .decode import DecodeError
 
 log = logging.getLogger("unpg.loaders")
 MAX_CONSECUTIVE_CORRUPT = 64  # beyond this the data is broken, not a few bad samples
+# A sample is corrupt when its image does not decode strictly or its record is damaged.
+CORRUPT = (DecodeError, CorruptRecordError)
 
 
 class CorruptSampleError(RuntimeError):
@@ -35,25 +43,31 @@ class Skipped(NamedTuple):
 
 def decode_or_replace(i: int, n: int, decode_at: Callable[[int], None], key_of: Callable[[int], int],
                       on_corrupt: str, source: str) -> Tuple[int, List[Skipped]]:
-    """Decode sample ``i`` with ``decode_at`` (which raises ``DecodeError``); under ``skip``, try
+    """Decode sample ``i`` with ``decode_at`` (which raises one of ``CORRUPT``); under ``skip``, try
     ``i + 1, i + 2, ...`` until one decodes. Returns ``(index used, skipped samples)``."""
     bad: List[Tuple[int, str]] = []
     for step in range(min(n, MAX_CONSECUTIVE_CORRUPT + 1)):
         j = (i + step) % n
         try:
             decode_at(j)
-        except DecodeError as e:
+        except CORRUPT as e:
             if on_corrupt != "skip":
                 raise CorruptSampleError(
-                    f"{source}: record key {key_of(j)} (sample {j}) is corrupt: {e}. Fix or drop "
+                    f"{source}: record key {key_of(j)} (sample {j}) is corrupt: {_reason(e)}. Fix or drop "
                     f"the record, or set loader.on_corrupt=skip to replace corrupt samples") from None
-            bad.append((j, str(e)))
+            bad.append((j, _reason(e)))
             continue
         return j, [Skipped(k, key_of(k), reason, j) for k, reason in bad]
     keys = ", ".join(str(key_of(k)) for k, _ in bad[:8])
     raise CorruptSampleError(f"{source}: {len(bad)} consecutive samples starting at record key "
                              f"{key_of(i)} do not decode (keys {keys}...); the file looks broken: "
                              f"first error: {bad[0][1]}")
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, CorruptRecordError):  # its message repeats the file and key
+        return f"damaged record at byte offset {e.offset}: {e.reason}"
+    return str(e)
 
 
 class CorruptLog:

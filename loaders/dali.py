@@ -45,6 +45,7 @@ from .base import BaseLoader, check_num_classes, derived_seed, log
 from .corrupt import CorruptSampleError
 from .dali_layout import read_prepared
 from .decode import DecodeError, strict_cpu_decoder
+from .sources import check_source
 
 INITIAL_FILL = 8192  # records in the reader's shuffle buffer (encoded JPEGs: ~60 MB at 7 KB each)
 _STREAM_READER, _STREAM_FLIP = 31, 32
@@ -63,16 +64,13 @@ def _import_dali():
 class DaliLoader(BaseLoader):
     """``(images float32 [B, 3, H, W], labels int64 [B])`` on ``device`` from DALI."""
 
-    def __init__(self, cfg, rank: int, world_size: int, device, train: bool = True):
-        super().__init__(cfg, rank, world_size, device, train)
-        if cfg.loader.order != "random":
-            raise ValueError(f"loader.order={cfg.loader.order} is not available with loader.name="
+    def __init__(self, data, opts, **common):
+        super().__init__(data, opts, **common)
+        if opts.order != "random":
+            raise ValueError(f"loader.order={opts.order} is not available with loader.name="
                              f"dali: DALI reads its pre-shuffled shards with a shuffle buffer (see "
                              f"unpg.loaders.dali); use loader.order=random")
-        directory = cfg.data.dali_dir or cfg.data.rec
-        if not directory:
-            raise ValueError("loader.name=dali needs data.dali_dir (a folder written by "
-                             "python -m unpg.tools.prepare_dali)")
+        directory = check_source(data, "dali")
         self.manifest = read_prepared(directory)
         self.source = self.manifest["directory"]
         _import_dali()  # fail here, with the install hint
@@ -80,7 +78,7 @@ class DaliLoader(BaseLoader):
         if tuple(self.manifest["image_size"]) != (s, s):
             raise ValueError(f"{self.source}: prepared images are {self.manifest['image_size']}, "
                              f"data.image_size={s}")
-        check_num_classes(cfg.data.num_classes, self.manifest["num_classes"], self.source)
+        check_num_classes(data.num_classes, self.manifest["num_classes"], self.source)
         self.num_samples = int(self.manifest["num_images"])
         self.num_classes = int(self.manifest["num_classes"])
         self._check_enough(self.source)
@@ -101,8 +99,8 @@ class DaliLoader(BaseLoader):
         reader_seed = derived_seed(self.seed, epoch, self.rank, _STREAM_READER)
         flip_seed = derived_seed(self.seed, epoch, self.rank, _STREAM_FLIP)
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=max(1, self.cfg.loader.workers),
-                      device_id=device_id, prefetch_queue_depth=self.cfg.loader.batches_ahead,
+        @pipeline_def(batch_size=self.batch_size, num_threads=max(1, self.opts.workers),
+                      device_id=device_id, prefetch_queue_depth=self.opts.batches_ahead,
                       seed=derived_seed(self.seed, epoch, self.rank))
         def pipe():
             jpegs, labels = fn.readers.mxnet(
@@ -150,7 +148,7 @@ class DaliLoader(BaseLoader):
 
         records = self._shard_records(shard)
         try:
-            with ThreadPoolExecutor(max(1, self.cfg.loader.workers)) as pool:
+            with ThreadPoolExecutor(max(1, self.opts.workers)) as pool:
                 for lo in range(0, len(records), 4096):  # stop at the first chunk with a hit
                     bad = [r for r in pool.map(check, records[lo:lo + 4096]) if r is not None]
                     if bad:

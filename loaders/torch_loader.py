@@ -6,7 +6,9 @@ decoder functions as the ffcv loader into one uint8 ``[B, 3, H, W]`` array per b
 (``__getitems__``: the whole batch in one call). ``_PlanSampler`` yields this rank's indices of
 the shared ``epoch_plan``; the main process applies the plan's flips and the normalisation on the
 device (``base.to_device_normalized``). Worker exceptions (``on_corrupt: error``) propagate
-through the ``DataLoader`` to the training loop.
+through the ``DataLoader`` to the training loop. A damaged record (``CorruptRecordError``) is a
+corrupt sample like an undecodable JPEG. Workers ignore SIGTERM/SIGINT
+(``workers.ignore_stop_signals``): a signal to the process group must reach only the trainer.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from .base import (
     quasi_window_pages,
     to_device_normalized,
 )
-from .corrupt import CorruptLog, Skipped, decode_or_replace
-from .decode import DecodeError, cpu_decoder
+from .corrupt import CORRUPT, CorruptLog, Skipped, decode_or_replace
+from .decode import cpu_decoder
+from .workers import ignore_stop_signals
 
 REC_PAGE_SIZE = 1 << 20  # quasi_random over a rec: records grouped by 1 MiB of file offset
 
@@ -51,7 +54,9 @@ class RecDataset(Dataset):
     def _decode_into(self, j: int, out: np.ndarray) -> int:
         if self._decode is None:
             self._decode = cpu_decoder(self.decoder)
-        label, jpeg = self.index.read_image(j)  # RecordIOError (broken file) always raises
+        # CorruptRecordError (one damaged record) is a corrupt sample; any other RecordIOError
+        # (a broken file) always raises.
+        label, jpeg = self.index.read_image(j)
         self._decode(np.frombuffer(jpeg, np.uint8), out)
         return label
 
@@ -61,7 +66,7 @@ class RecDataset(Dataset):
         for k, i in enumerate(indices):
             try:
                 labels[k] = self._decode_into(i, out[k])
-            except DecodeError:
+            except CORRUPT:
                 got = {}
 
                 def decode_at(j, row=out[k], got=got):
@@ -104,36 +109,32 @@ class _PlanSampler(Sampler):
 
 
 class TorchLoader(BaseLoader):
-    """``(images float32 [B, 3, H, W], labels int64 [B])`` on ``device`` via torch's DataLoader."""
+    """``(images float32 [b, 3, H, W], labels int64 [b])`` on ``device`` via torch's DataLoader."""
 
-    def __init__(self, cfg, rank: int, world_size: int, device, train: bool = True):
-        super().__init__(cfg, rank, world_size, device, train)
-        if not cfg.data.rec:
-            raise ValueError("loader.name=torch needs data.rec: the folder with train.rec, "
-                             "train.idx and property")
-        if cfg.loader.decoder == "nvjpeg":
+    def __init__(self, data, opts, **common):
+        super().__init__(data, opts, **common)
+        if opts.decoder == "nvjpeg":
             raise ValueError("loader.decoder=nvjpeg is supported by loader.name=ffcv (batched GPU "
-                             "decode); the torch loader decodes in CPU workers: use cv2 or "
-                             "simplejpeg")
-        self.dataset = RecDataset(cfg.data.rec, cfg.loader.decoder, self.image_size,
-                                  self.on_corrupt)
+                             "decode); the torch loader decodes in CPU workers: use simplejpeg or "
+                             "cv2")
+        self.dataset = RecDataset(data.rec, opts.decoder, self.image_size, self.on_corrupt)
         index = self.dataset.index
         self.source = self.dataset.source
         if index.image_size is not None and index.image_size != (self.image_size,) * 2:
-            raise ValueError(f"{cfg.data.rec}/property says {index.image_size[0]}x"
+            raise ValueError(f"{data.rec}/property says {index.image_size[0]}x"
                              f"{index.image_size[1]} images but data.image_size={self.image_size}")
-        check_num_classes(cfg.data.num_classes, index.num_classes, self.source)
+        check_num_classes(data.num_classes, index.num_classes, self.source)
         self.num_samples, self.num_classes = len(index), index.num_classes
         self._check_enough(self.source)
         self.corrupt = CorruptLog(self.source)
         self._sampler = _PlanSampler(len(self) * self.batch_size)
-        workers = cfg.loader.workers
+        workers = opts.workers
         self._dl = DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self._sampler, drop_last=True,
             num_workers=workers, collate_fn=_batch_as_is,
-            pin_memory=self.device.type == "cuda" and cfg.loader.pin_memory,
-            persistent_workers=workers > 0,
-            prefetch_factor=cfg.loader.batches_ahead if workers > 0 else None)
+            pin_memory=self.device.type == "cuda" and opts.pin_memory,
+            persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals if workers else None,
+            prefetch_factor=opts.batches_ahead if workers > 0 else None)
 
     def _page_of(self) -> np.ndarray:
         rec = self.dataset.index.rec
@@ -141,12 +142,12 @@ class TorchLoader(BaseLoader):
 
     def plan(self):
         """This rank's ``EpochPlan`` for the current epoch."""
-        quasi = self.cfg.loader.order == "quasi_random"
+        quasi = self.opts.order == "quasi_random"
         page_of = self._page_of() if quasi else None
         window = quasi_window_pages(self.num_samples / (np.unique(page_of).size if quasi else 1),
                                     self.batch_size * self.world_size)
         return epoch_plan(self.num_samples, self.seed, self.epoch, self.rank, self.world_size,
-                          self.batch_size, order=self.cfg.loader.order, page_of=page_of,
+                          self.batch_size, order=self.opts.order, page_of=page_of,
                           window_pages=window, train=self.train)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

@@ -60,7 +60,8 @@ class LoaderConfig(Section):
     workers: int = field_(4, ge=0)
     batches_ahead: int = field_(2, ge=1)
     order: Literal["random", "quasi_random"] = "random"
-    decoder: Literal["cv2", "simplejpeg", "nvjpeg"] = "cv2"
+    # simplejpeg: strict (damaged entropy data counts as corrupt); cv2: lenient; nvjpeg: GPU batches
+    decoder: Literal["cv2", "simplejpeg", "nvjpeg"] = "simplejpeg"
     on_corrupt: Literal["skip", "error"] = "skip"
     pin_memory: bool = True
 
