@@ -61,16 +61,25 @@ def _candidates(kind: str, half: bool) -> Tuple[Plan, ...]:
         return (Plan(64, 64, 32, num_warps=4, num_stages=3),
                 Plan(128, 64, 32, num_warps=8, num_stages=3),
                 Plan(64, 128, 32, num_warps=4, num_stages=3))
-    # dx: (block_b rows, block_c classes); dw: (block_b rows, block_c classes) likewise.
-    if half:
+    # Half tiles: a [64, 512] bf16 operand is 64 KB of shared memory, a 64 x 512 fp32
+    # accumulator 128 registers per thread at 8 warps.
+    if kind == "dx":  # accumulator rows: block_b
+        if half:
+            return (Plan(64, 64, 64, block_do=256, num_warps=8, num_stages=2),
+                    Plan(64, 64, 64, block_do=512, num_warps=8, num_stages=2),
+                    Plan(32, 64, 64, block_do=512, num_warps=4, num_stages=2),
+                    Plan(128, 64, 64, block_do=256, num_warps=8, num_stages=2))
+        return (Plan(64, 64, 32, block_do=128, num_warps=4, num_stages=2),
+                Plan(64, 64, 32, block_do=256, num_warps=8, num_stages=2),
+                Plan(32, 64, 32, block_do=512, num_warps=8, num_stages=2))
+    if half:  # dw, accumulator rows: block_c
         return (Plan(64, 64, 64, block_do=256, num_warps=8, num_stages=2),
                 Plan(64, 64, 64, block_do=512, num_warps=8, num_stages=2),
-                Plan(64, 128, 64, block_do=256, num_warps=8, num_stages=2),
-                Plan(128, 64, 64, block_do=256, num_warps=8, num_stages=2),
-                Plan(64, 64, 64, block_do=128, num_warps=4, num_stages=3))
+                Plan(64, 32, 64, block_do=512, num_warps=4, num_stages=2),
+                Plan(64, 128, 64, block_do=256, num_warps=8, num_stages=2))
     return (Plan(64, 64, 32, block_do=128, num_warps=4, num_stages=2),
             Plan(64, 64, 32, block_do=256, num_warps=8, num_stages=2),
-            Plan(32, 64, 32, block_do=512, num_warps=8, num_stages=2))
+            Plan(64, 32, 32, block_do=512, num_warps=8, num_stages=2))
 
 
 def interpreter_plan(kind: str) -> Plan:
