@@ -1,7 +1,9 @@
 """Public API of unpg.kernels: dispatch, argument errors, target_cosine, import hygiene."""
 # B: batch, C: classes (local shard), D: embedding dim
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +109,23 @@ def test_target_cosine_matches_gather_and_masks_other_shards():
     # Half inputs give float32.
     assert target_cosine(x.detach().half(), w.detach().half(), labels, class_start=100).dtype \
         == torch.float32
+
+
+def test_layers_call_down_only():
+    # api -> sharded -> local -> backends: nothing below imports a layer above it.
+    kernels = Path(__file__).resolve().parents[2] / "kernels"
+    above = {"local": {"sharded", "api"}, "sharded": {"api"}}
+    for backend in ("reference", "chunked", "precision", "target", "triton_function",
+                    "triton_launch", "triton_kernels"):
+        above[backend] = {"local", "sharded", "api"}
+    for module, forbidden in above.items():
+        tree = ast.parse((kernels / f"{module}.py").read_text(encoding="utf-8"))
+        imported = {node.module.split(".")[-1] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module and node.level == 1}
+        imported |= {alias.name for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 1 and not node.module
+                     for alias in node.names}
+        assert not imported & forbidden, f"kernels/{module}.py imports {imported & forbidden}"
+        unpg_imports = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                        and n.level == 0 and (n.module or "").startswith("unpg")]
+        assert not unpg_imports, f"kernels/{module}.py imports {unpg_imports}"
