@@ -18,7 +18,7 @@ Legend: N pairs/probes, G gallery templates, D embedding dim, T thresholds, K fo
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_FARS",
     "best_threshold_accuracy",
     "equal_error_rate",
+    "far_below_resolution",
     "kfold_accuracy",
     "l2_normalize",
     "rank_k_accuracy",
@@ -224,12 +225,20 @@ def best_threshold_accuracy(scores: Sequence, labels: Sequence) -> Tuple[float, 
     return _best_threshold_from_sorted(s_N, order_N, s_N[order_N], y_N[order_N])
 
 
+def far_below_resolution(fars: Sequence[float], num_impostor: int) -> List[str]:
+    """The FAR keys (``f"{far:g}"``) finer than 1 / ``num_impostor``: not measurable on these pairs."""
+    return [f"{far:g}" for far in fars if far * max(num_impostor, 0) < 1]
+
+
 def verification_summary(scores: Sequence, labels: Sequence, fars: Sequence[float] = DEFAULT_FARS
                          ) -> Tuple[Dict[str, object], Tuple[np.ndarray, np.ndarray]]:
     """Every 1:1 number from one ROC, and the curve itself for plotting.
 
     Returns ``({"tar_at_far": {"1e-06": tar, ...}, "auc", "eer", "best_threshold_accuracy",
-    "best_threshold", "num_pairs", "num_genuine"}, (fpr, tpr))``.
+    "best_threshold", "num_pairs", "num_genuine", "num_impostor", "far_below_resolution"},
+    (fpr, tpr))``. ``far_below_resolution`` lists the FAR keys finer than 1 / num_impostor: with
+    fewer impostor pairs than 1/FAR, no threshold gives that FAR, and the TAR reported there is
+    the TAR at the smallest FAR measurable (0 impostors accepted), not at the FAR asked for.
     """
     s_N, y_N, order_N = _sort_scores(scores, labels)
     s_asc, y_asc = s_N[order_N], y_N[order_N]
@@ -246,6 +255,8 @@ def verification_summary(scores: Sequence, labels: Sequence, fars: Sequence[floa
         "best_threshold": thr,
         "num_pairs": int(len(y_N)),
         "num_genuine": int(y_N.sum()),
+        "num_impostor": int(len(y_N) - y_N.sum()),
+        "far_below_resolution": far_below_resolution(fars, int(len(y_N) - y_N.sum())),
     }
     return summary, (fpr, tpr)
 
