@@ -41,6 +41,26 @@ def test_triton_cuda_fp32_master_weight_within_rule(kcheck, precision, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_triton_cuda_equals_chunked_twin(kcheck, precision):
+    # Same tiles, same rounding: the kernel and its torch twin agree to fp32 accumulation
+    # (bf16). TF32: the tensor cores may truncate where the twin rounds, one TF32 ulp per input.
+    x, w, labels = _on_cuda(kcheck.inputs(256, 9000, 512, torch.float32, seed=24))
+    out = {}
+    for backend in ("triton", "chunked"):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ell, cos_t = lse_and_target(xr, wr, labels, SCALE, backend=backend, precision=precision,
+                                    chunk_size=2048)
+        (ell.sum() - SCALE * cos_t.sum()).backward()
+        out[backend] = (ell, cos_t, xr.grad, wr.grad)
+    for name, a, b in zip(("ell", "cos_t", "dX", "dW"), out["triton"], out["chunked"]):
+        scale = b.abs().max().item()
+        err = (a - b).abs().max().item()
+        rel = 1e-4 if precision == "bf16" else 3e-3
+        assert err <= rel * max(scale, 1.0), f"{name} ({precision}): {err:.3g} vs {scale:.3g}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_chunked_cuda_within_rule(kcheck, dtype):
     x, w, labels = _on_cuda(kcheck.inputs(256, 9000, 256, dtype, seed=22))
