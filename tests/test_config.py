@@ -243,8 +243,10 @@ def test_range_violation(override, key, allowed):
 
 @pytest.mark.parametrize("overrides, keys", [
     (["schedule.warmup_epochs=20"], ["schedule.warmup_epochs", "schedule.epochs"]),
-    (["head.l_a=120"], ["head.l_a", "head.u_a"]),
-    (["head.l_margin=0.9"], ["head.l_margin", "head.u_margin"]),
+    (["head.name=magface", "head.l_a=120"], ["head.l_a", "head.u_a"]),
+    (["head.name=magface", "head.l_margin=0.9"], ["head.l_margin", "head.u_margin"]),
+    (["head.m=3.2"], ["head.m", "pi"]),
+    (["head.name=combined", "head.m2=3.5"], ["head.m2"]),
     (["head.name=magface", "head.u_margin=2.0"], ["head.u_margin"]),
     (["fc.sample_rate=0.5"], ["fc.sample_rate", "fc.mode"]),
     (["optim.accum_steps=3"], ["train.batch_size", "optim.accum_steps"]),

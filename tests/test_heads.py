@@ -4,13 +4,17 @@ import math
 import pytest
 import torch
 
+from unpg.config import HeadConfig
 from unpg.heads import (
+    HEAD_PARAMS,
     ArcFaceHead,
     CombinedHead,
     CosFaceHead,
+    HeadParamError,
     MagFaceHead,
     MarginHead,
     build_head,
+    head_param_names,
 )
 
 F64 = torch.float64
@@ -173,3 +177,31 @@ def test_head_classes_and_params_roundtrip():
 def test_build_head_rejects_bad_input(name, params, match):
     with pytest.raises(ValueError, match=match):
         build_head(name, **params)
+
+
+# ----------------------------------------------------------------------------- one table, one rule owner
+def test_head_config_params_follow_the_heads_table():
+    for name, (cls, required, optional) in HEAD_PARAMS.items():
+        params = HeadConfig(name=name).params()
+        assert tuple(params) == tuple(required) + tuple(optional)
+        assert tuple(params) == head_param_names(name)
+        head = build_head(name, **params)
+        assert isinstance(head, cls) and head.params() == params
+
+
+@pytest.mark.parametrize("name, params, keys", [
+    ("arcface", dict(s=64.0, m=3.2), ("m",)),
+    ("combined", dict(s=64.0, m1=1.0, m2=3.5, m3=0.0), ("m2",)),
+    ("magface", dict(s=64.0, l_margin=0.45, u_margin=1.8, l_a=10.0, u_a=110.0, lambda_g=35.0),
+     ("u_margin",)),
+    ("magface", dict(s=64.0, l_margin=0.9, u_margin=0.8, l_a=10.0, u_a=110.0, lambda_g=35.0),
+     ("l_margin", "u_margin")),
+])
+def test_head_rules_live_in_the_heads(name, params, keys):
+    with pytest.raises(HeadParamError) as e:
+        build_head(name, **params)
+    assert e.value.keys == keys
+    # The config reaches the same rule and names the head.* keys.
+    with pytest.raises(ValueError) as e2:
+        HeadConfig(name=name, **params)
+    assert all(f"head.{k}" in str(e2.value) for k in keys)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
@@ -25,6 +24,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 import yaml
 
 from unpg.fileio import atomic_write_text
+from unpg.heads import HeadParamError, check_head_params, head_param_names
 from unpg.typed_config import ConfigError, Section, describe, field_, hints, load, load_tree
 
 Normalize = Literal["insightface", "imagenet"]
@@ -96,30 +96,15 @@ class HeadConfig(Section):
     lambda_g: float = field_(35.0, ge=0.0)
 
     def _check(self) -> None:
-        self._require(self.l_a < self.u_a, ["l_a", "u_a"],
-                      f"need l_a < u_a, got l_a={self.l_a} and u_a={self.u_a}")
-        self._require(self.l_margin <= self.u_margin, ["l_margin", "u_margin"],
-                      f"need l_margin <= u_margin, got {self.l_margin} > {self.u_margin}")
-        if self.name == "arcface":
-            self._require(self.m < math.pi, ["m"], f"ArcFace needs 0 <= m < pi, got {self.m}")
-        if self.name == "combined":
-            self._require(self.m2 < math.pi, ["m2"], f"needs 0 <= m2 < pi, got {self.m2}")
-        if self.name == "magface":
-            # Easy margin: the margin applies only where theta < pi/2, so theta + m stays on
-            # the decreasing branch of cos exactly when m <= pi/2.
-            self._require(self.u_margin <= math.pi / 2, ["u_margin"],
-                          f"MagFace needs u_margin <= pi/2 (1.5708), got {self.u_margin}")
+        # The heads own their rules (unpg.heads.check_head_params); errors name head.<key>.
+        try:
+            check_head_params(self.name, self.params())
+        except HeadParamError as e:
+            self._require(False, list(e.keys), e.reason)
 
     def params(self) -> dict[str, Any]:
-        """Keyword arguments the margin-softmax loss takes for this head."""
-        if self.name == "arcface":
-            return {"s": self.s, "m": self.m, "arcface_grad": self.arcface_grad}
-        if self.name == "cosface":
-            return {"s": self.s, "m": self.m}
-        if self.name == "magface":
-            return {"s": self.s, "l_margin": self.l_margin, "u_margin": self.u_margin,
-                    "l_a": self.l_a, "u_a": self.u_a, "lambda_g": self.lambda_g}
-        return {"s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3}
+        """Keyword arguments the margin-softmax loss takes for this head (from HEAD_PARAMS)."""
+        return {key: getattr(self, key) for key in head_param_names(self.name)}
 
 
 @dataclass

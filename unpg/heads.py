@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import math
 from numbers import Real
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import torch
 
@@ -33,9 +33,12 @@ __all__ = [
     "CombinedHead",
     "CosFaceHead",
     "HEAD_PARAMS",
+    "HeadParamError",
     "MagFaceHead",
     "MarginHead",
     "build_head",
+    "check_head_params",
+    "head_param_names",
 ]
 
 # Floor of 1 − z² under the square root: keeps d sin/dz finite at z = ±1 (there the clamp
@@ -178,10 +181,66 @@ def _optional(name: str) -> Tuple[str, ...]:
     return tuple(HEAD_PARAMS[name][2])
 
 
+class HeadParamError(ValueError):
+    """A head parameter out of its rules; ``keys`` names the parameters involved (the config
+    reports them as ``head.<key>``)."""
+
+    def __init__(self, head: str, keys: Sequence[str], reason: str) -> None:
+        super().__init__(f"head {head!r}: {reason}")
+        self.head, self.keys, self.reason = head, tuple(keys), reason
+
+
 def _check_number(head: str, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"head {head!r}: parameter {key!r} must be a finite number, got {value!r}")
+        raise HeadParamError(head, [key], f"parameter {key!r} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _require(ok: bool, head: str, keys: Sequence[str], reason: str) -> None:
+    if not ok:
+        raise HeadParamError(head, keys, reason)
+
+
+def check_head_params(name: str, params: Mapping[str, Any]) -> Dict[str, Any]:
+    """The rules of every head, in one place (``build_head`` and ``HeadConfig`` both use them):
+    exactly the head's parameters, finite numbers, and the ranges that keep the margin on the
+    decreasing branch of cos. Returns the validated values; raises ``HeadParamError``."""
+    if not isinstance(name, str) or name not in HEAD_PARAMS:
+        raise HeadParamError(str(name), ["name"],
+                             f"unknown head {name!r}; choose one of {sorted(HEAD_PARAMS)}")
+    _, required, optional = HEAD_PARAMS[name]
+    allowed = set(required) | set(optional)
+    unknown = sorted(set(params) - allowed)
+    _require(not unknown, name, unknown, f"unknown parameter(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = [key for key in required if key not in params]
+    _require(not missing, name, missing, f"missing parameter(s) {missing}; required: {list(required)}")
+    v = {key: _check_number(name, key, params[key]) for key in required}
+    _require(v["s"] > 0, name, ["s"], f"scale 's' must be > 0, got {v['s']}")
+    if name == "arcface":
+        _require(0 <= v["m"] < math.pi, name, ["m"], f"ArcFace needs 0 <= m < pi, got {v['m']}")
+        grad = params.get("arcface_grad", optional["arcface_grad"])
+        _require(grad in ARCFACE_GRADS, name, ["arcface_grad"],
+                 f"arcface_grad must be one of {list(ARCFACE_GRADS)}, got {grad!r}")
+        v["arcface_grad"] = grad
+    elif name == "combined":
+        _require(v["m1"] > 0, name, ["m1"], f"needs m1 > 0, got {v['m1']}")
+        _require(0 <= v["m2"] < math.pi, name, ["m2"], f"needs 0 <= m2 < pi, got {v['m2']}")
+    elif name == "magface":
+        _require(0 < v["l_a"] < v["u_a"], name, ["l_a", "u_a"],
+                 f"need 0 < l_a < u_a, got l_a={v['l_a']} and u_a={v['u_a']}")
+        _require(0 <= v["l_margin"] <= v["u_margin"], name, ["l_margin", "u_margin"],
+                 f"need 0 <= l_margin <= u_margin, got {v['l_margin']} and {v['u_margin']}")
+        # Easy margin: the margin applies only where theta < pi/2, so theta + m stays on the
+        # decreasing branch of cos exactly when m <= pi/2.
+        _require(v["u_margin"] <= math.pi / 2, name, ["u_margin"],
+                 f"MagFace needs u_margin <= pi/2 (1.5708), got {v['u_margin']}")
+        _require(v["lambda_g"] >= 0, name, ["lambda_g"], f"lambda_g must be >= 0, got {v['lambda_g']}")
+    return v
+
+
+def head_param_names(name: str) -> Tuple[str, ...]:
+    """The parameters ``build_head(name, ...)`` takes, required ones first (from HEAD_PARAMS)."""
+    return _required(name) + _optional(name)
 
 
 def build_head(name: str, **params: Any) -> MarginHead:
@@ -189,37 +248,7 @@ def build_head(name: str, **params: Any) -> MarginHead:
 
     ``arcface``: ``s, m`` (+ ``arcface_grad`` in ``'exact'|'straight_through'``, default exact);
     ``cosface``: ``s, m``; ``magface``: ``s, l_margin, u_margin, l_a, u_a, lambda_g``;
-    ``combined``: ``s, m1, m2, m3``.
+    ``combined``: ``s, m1, m2, m3``. The rules are ``check_head_params``.
     """
-    if not isinstance(name, str) or name not in HEAD_PARAMS:
-        raise ValueError(f"unknown head {name!r}; choose one of {sorted(HEAD_PARAMS)}")
-    cls, required, optional = HEAD_PARAMS[name]
-    allowed = set(required) | set(optional)
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ValueError(
-            f"head {name!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed)}"
-        )
-    missing = [key for key in required if key not in params]
-    if missing:
-        raise ValueError(
-            f"head {name!r}: missing parameter(s) {missing}; required: {list(required)}"
-        )
-    values = {key: _check_number(name, key, params[key]) for key in required}
-    if values["s"] <= 0:
-        raise ValueError(f"head {name!r}: scale 's' must be > 0, got {values['s']}")
-    if name == "arcface":
-        grad = params.get("arcface_grad", optional["arcface_grad"])
-        if grad not in ARCFACE_GRADS:
-            raise ValueError(
-                f"head 'arcface': arcface_grad must be one of {list(ARCFACE_GRADS)}, got {grad!r}"
-            )
-        values["arcface_grad"] = grad
-    if name == "magface":
-        if not 0 < values["l_a"] < values["u_a"]:
-            raise ValueError(
-                f"head 'magface': need 0 < l_a < u_a, got l_a={values['l_a']}, u_a={values['u_a']}"
-            )
-        if values["lambda_g"] < 0:
-            raise ValueError(f"head 'magface': lambda_g must be >= 0, got {values['lambda_g']}")
-    return cls(**values)
+    values = check_head_params(name, params)
+    return HEAD_PARAMS[name][0](**values)
