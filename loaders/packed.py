@@ -218,6 +218,9 @@ class PackedLoader(BaseLoader):
                 slot = self._decode_inline(plan, s)
                 yield self._to_device(slot, plan.batch(s)[1] if self.train else None)
             return
+        if self._pool is not None and self._pool.broken:
+            self._pool.close()
+            self._pool = None
         if self._pool is None:
             self._pool = WorkerPool(self.workers, self.fill, self._ring, "unpg-packed")
         submitted = 0
@@ -237,6 +240,12 @@ class PackedLoader(BaseLoader):
         finally:
             # Stopped early or failed: wait for in-flight batches so the ring is free to reuse.
             self._pool.drain()
+
+    @property
+    def worker_pids(self) -> List[int]:
+        """Process ids of the decode workers (empty before the first iteration and with
+        ``workers: 0``)."""
+        return [p.pid for p in self._pool.procs] if self._pool is not None else []
 
     def close(self) -> None:
         """Stop the worker processes and release the ring and the file (idempotent)."""

@@ -139,6 +139,7 @@ class WorkerPool:
         self.procs: List[Any] = []
         self.conns: List[Any] = []
         self.pending: List[List[int]] = [[] for _ in range(workers)]
+        self.broken = False  # a worker died: the owner makes a new pool
         pid = os.getpid()
         for k in range(workers):
             here, there = ctx.Pipe(duplex=True)
@@ -155,8 +156,20 @@ class WorkerPool:
 
     def submit(self, step: int, slot: int, indices: np.ndarray) -> None:
         k = step % len(self.procs)
-        self.conns[k].send((step, slot, indices))
+        try:
+            self.conns[k].send((step, slot, indices))
+        except OSError:  # broken pipe: the worker is gone
+            raise self._died(k, step) from None
         self.pending[k].append(step)
+
+    def _died(self, k: int, step: int) -> RuntimeError:
+        proc = self.procs[k]
+        proc.join(JOIN_TIMEOUT_S)
+        self.pending[k].clear()
+        self.broken = True
+        return RuntimeError(f"loader worker {k} (pid {proc.pid}) died with exit code "
+                            f"{proc.exitcode} before finishing batch {step} (a negative code is "
+                            f"the signal that killed it: -9 is SIGKILL, often out of memory)")
 
     def result(self, step: int) -> list:
         """The skipped-sample list of batch ``step``; re-raises the worker's exception."""
@@ -165,17 +178,12 @@ class WorkerPool:
             raise RuntimeError(f"loader worker {k}: batch {step} was not submitted next "
                                f"(pending {self.pending[k]})")
         conn, proc = self.conns[k], self.procs[k]
-        while True:
-            # Waits without the GIL; the sentinel wakes us if the worker dies instead of answering.
-            ready = connection.wait([conn, proc.sentinel])
-            if conn in ready:
-                break
-            if not proc.is_alive():
-                self.pending[k].clear()
-                raise RuntimeError(f"loader worker {k} (pid {proc.pid}) died with exit code "
-                                   f"{proc.exitcode} while decoding batch {step} (a negative "
-                                   f"code is the signal that killed it, e.g. -9: out of memory)")
-        got, err, skipped = conn.recv()
+        # Waits without the GIL; the sentinel wakes us if the worker dies instead of answering.
+        connection.wait([conn, proc.sentinel])
+        try:
+            got, err, skipped = conn.recv()
+        except (EOFError, OSError):  # it died: its end of the pipe is closed
+            raise self._died(k, step) from None
         self.pending[k].pop(0)
         if got != step:
             raise RuntimeError(f"loader worker {k}: expected batch {step}, got {got}")

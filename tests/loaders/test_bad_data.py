@@ -9,6 +9,7 @@ import pytest
 import torch
 from unpg.loaders import CorruptSampleError, build_loader
 
+from unpg.recordio import parse_idx
 from unpg.tools.pack import pack_rec
 from unpg.tools.prepare_dali import prepare_dali
 
@@ -49,7 +50,8 @@ def wrong_size(data):
 
 
 def damaged_scan(data):
-    # bytes inside the entropy-coded data: libjpeg only warns; simplejpeg (strict) reports it
+    # bytes inside the entropy-coded data: libjpeg only warns (cv2 returns garbage pixels);
+    # the strict default decoder (simplejpeg) reports it
     b = bytearray(data)
     sos = data.find(b"\xff\xda")
     for i in range(sos + 40, len(b) - 40, 7):
@@ -58,7 +60,7 @@ def damaged_scan(data):
 
 
 CASES = {"truncated": truncate, "garbage": garbage, "broken_header": broken_header,
-         "wrong_size": wrong_size}
+         "wrong_size": wrong_size, "damaged_scan": damaged_scan}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def bad_data(tmp_path_factory, rec_factory):
     """One rec (+ packed file) per kind of damage, each with sample BAD corrupt."""
     root = tmp_path_factory.mktemp("bad")
     out = {}
-    for name, fn in {**CASES, "damaged_scan": damaged_scan}.items():
+    for name, fn in CASES.items():
         rec = root / name
         written = rec_factory(rec, CLASSES, PER_CLASS, corrupt={BAD: fn})
         pack_rec(rec, root / f"{name}.unpgpack", progress=False)
@@ -119,12 +121,50 @@ def test_error_names_file_and_key(name, workers, bad_data, cfg_factory):
     assert (str(data["rec"] / "train.rec") if name == "torch" else str(data["ffcv"])) in msg
 
 
-def test_scan_damage_is_caught_by_simplejpeg(bad_data, cfg_factory):
-    pytest.importorskip("simplejpeg")
-    loader = loader_for("ffcv", bad_data["damaged_scan"], cfg_factory, decoder="simplejpeg",
-                        on_corrupt="error")
-    with pytest.raises(CorruptSampleError, match=f"record key {BAD_KEY}.*simplejpeg"):
+@pytest.mark.parametrize("name", ["torch", "ffcv"])
+def test_scan_damage_counts_as_corrupt_with_the_default_decoder(name, bad_data, cfg_factory):
+    jpeg = bad_data["damaged_scan"]["written"][BAD_INDEX][1]
+    # the case OpenCV misses: it decodes the damaged JPEG to an image without an error
+    assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (112, 112, 3)
+    loader = loader_for(name, bad_data["damaged_scan"], cfg_factory, on_corrupt="error")
+    assert loader.opts.decoder == "simplejpeg"  # the default
+    with pytest.raises(CorruptSampleError, match=f"record key {BAD_KEY}.*damaged JPEG data"):
         list(loader)
+
+
+def test_cv2_decoder_is_lenient_on_scan_damage(bad_data, cfg_factory):
+    """Documented: loader.decoder=cv2 cannot see libjpeg's warnings and uses the garbage pixels."""
+    loader = loader_for("ffcv", bad_data["damaged_scan"], cfg_factory, decoder="cv2",
+                        on_corrupt="error")
+    (images, labels), = list(loader)
+    assert loader.corrupt.count == 0 and labels.numel() == 16
+
+
+def _damage_record_magic(rec_dir, key):
+    keys, offsets = parse_idx((rec_dir / "train.idx").read_bytes())
+    offset = int(offsets[keys.tolist().index(key)])
+    with open(rec_dir / "train.rec", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x00\x11\x22\x33")  # the record's magic word
+    return offset
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_damaged_record_is_a_corrupt_sample(workers, tmp_path, rec_factory, cfg_factory):
+    written = rec_factory(tmp_path / "rec", CLASSES, PER_CLASS)
+    offset = _damage_record_magic(tmp_path / "rec", BAD_KEY)
+    cfg = cfg_factory("torch", rec=tmp_path / "rec", batch=16, workers=workers, on_corrupt="skip")
+    loader = build_loader(cfg, 0, 1, "cpu", train=False)
+    (images, labels), = list(loader)
+    pos = int(np.flatnonzero(loader.plan().indices == BAD_INDEX)[0])
+    label, jpeg = written[BAD_INDEX + 1]  # replaced by the next sample, as for a bad JPEG
+    assert int(labels[pos]) == label
+    pixels = images[pos].permute(1, 2, 0).double().numpy() * 127.5 + 127.5
+    assert np.abs(pixels - decoded(jpeg)).max() < 1e-3
+    assert loader.corrupt.keys == {BAD_KEY}
+    cfg.loader.on_corrupt = "error"
+    with pytest.raises(CorruptSampleError, match=f"record key {BAD_KEY}.*byte offset {offset}"):
+        list(build_loader(cfg, 0, 1, "cpu", train=False))
 
 
 def test_too_many_consecutive_corrupt_samples_stop(tmp_path, rec_factory, cfg_factory):

@@ -216,11 +216,10 @@ def test_configuration_errors(prepared, tiny_rec, tmp_path, monkeypatch):
 
 
 def test_simplejpeg_decoder_matches_cv2(prepared):
-    pytest.importorskip("simplejpeg")
-    a = epoch_output("ffcv", prepared, 0, 1, epoch=1)
+    a = epoch_output("ffcv", prepared, 0, 1, epoch=1, decoder="cv2")
     b = epoch_output("ffcv", prepared, 0, 1, epoch=1, decoder="simplejpeg")
     assert torch.equal(a[1], b[1])
-    assert (to_pixels(a[0]) - to_pixels(b[0])).__abs__().mean() <= 2.0
+    assert torch.equal(a[0], b[0])  # both libjpeg-turbo, same IDCT and upsampling: same pixels
 
 
 @pytest.mark.gpu
@@ -228,7 +227,8 @@ def test_simplejpeg_decoder_matches_cv2(prepared):
 def test_ffcv_on_cuda_matches_cpu(decoder, prepared):
     if decoder == "nvjpeg":
         pytest.importorskip("torchvision")
-    cpu = epoch_output("ffcv", prepared, 0, 1, epoch=1, train=True)
+    # cv2 on both sides: the GPU hosts may lack simplejpeg (it decodes identically, see above)
+    cpu = epoch_output("ffcv", prepared, 0, 1, epoch=1, train=True, decoder="cv2")
     loader = build_loader(cfg_for("ffcv", prepared, decoder=decoder, workers=2), 0, 1, "cuda")
     loader.set_epoch(1)
     got = list(loader)
