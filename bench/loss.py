@@ -31,7 +31,9 @@ high-water mark (VmHWM, reset through ``/proc/self/clear_refs``; the process run
 ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the RSS at once).
 
 ``--json`` names: ``loss/<impl>/<C>_<state>/ms`` and ``loss/<impl>/<C>_<state>/peak_mb``
-(e.g. ``loss/kernel/85742_init/ms``), plus ``.../x_floor`` when gemm3 ran.
+(e.g. ``loss/kernel/85742_init/ms``), plus ``.../x_floor`` when gemm3 ran and, for the
+Triton kernel, ``.../max_rel_diff_vs_chunked`` (its values and gradients against the chunked
+twin at the same precision, with the tile plans tuning chose).
 
     python bench/loss.py [--device cuda] [--C 85742,2059906] [--states init,trained]
                          [--impls ...] [--dtype bfloat16] [--precision auto] [--json FILE]
@@ -50,7 +52,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from unpg.kernels import BACKENDS, PRECISIONS, lse_and_target
+from unpg.kernels import BACKENDS, PRECISIONS, lse_and_target, resolve_backend
 
 from unpg.fileio import atomic_write_json
 from unpg.losses import margin_softmax_loss
@@ -182,6 +184,21 @@ def _time(step: Callable[[], None], inp: Inputs, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _diff_vs_twin(args, inp: Inputs) -> float:
+    """Largest relative difference of (ell, cos_t, dX, dW) between the kernel and the chunked
+    twin at the same precision: a tuned tile plan that computes wrong would show here."""
+    outs = []
+    for backend in (args.backend, "chunked"):
+        inp.clear()
+        ell, cos_t = lse_and_target(inp.x_hat, inp.weight, inp.labels, args.s, backend=backend,
+                                    precision=args.precision)
+        (ell.sum() - args.s * cos_t.sum()).backward()
+        outs.append((ell.detach(), cos_t.detach(), inp.x_hat.grad.float(), inp.weight.grad))
+    inp.clear()
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(*outs))
+
+
 def run_case(args, impls: List[str], C: int, state: str, device: torch.device) -> List[dict]:
     inp = Inputs(args, C, state, device, floor="gemm3" in impls)
     steps = _steps(args, inp)
@@ -198,6 +215,8 @@ def run_case(args, impls: List[str], C: int, state: str, device: torch.device) -
     for row in rows.values():
         row["ms"] = 1e3 * statistics.median(row["times"])
         row["x_floor"] = row["ms"] / (1e3 * floor) if floor else None
+    if "kernel" in rows and resolve_backend(args.backend, inp.x_hat) != "chunked":
+        rows["kernel"]["diff_vs_chunked"] = _diff_vs_twin(args, inp)
     del inp, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -287,6 +306,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     {"name": f"{key}/peak_mb", "value": r["peak_mb"], "unit": "MB"}]
         if r["x_floor"]:
             results.append({"name": f"{key}/x_floor", "value": r["x_floor"], "unit": "ratio"})
+        if "diff_vs_chunked" in r:
+            print(f"          kernel vs chunked twin: max relative difference "
+                  f"{r['diff_vs_chunked']:.2e} (ell, cos_t, dX, dW)")
+            results.append({"name": f"{key}/max_rel_diff_vs_chunked",
+                            "value": r["diff_vs_chunked"], "unit": "ratio"})
     if args.json:
         atomic_write_json(args.json, {"machine": where, "results": results}, indent=2)
     return 0

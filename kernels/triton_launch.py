@@ -46,7 +46,7 @@ class Plan:
     splits: Optional[int] = None
 
 
-def _candidates(kind: str, half: bool) -> Tuple[Plan, ...]:
+def candidate_plans(kind: str, half: bool) -> Tuple[Plan, ...]:
     """Small per-dtype candidate sets (untuned starting points, chosen for Hopper).
 
     Backward accumulators are ``block_b x block_do`` (dX) or ``block_c x block_do`` (dW) fp32
@@ -126,7 +126,7 @@ def choose_plan(kind: str, tile: str, x_BD: torch.Tensor, w_CD: torch.Tensor,
            triton.next_power_of_2(C), D, x_BD.device.index)
     if key not in _TUNED:
         best, best_ms, error = None, float("inf"), None
-        for plan in dict.fromkeys(_fit(p, D) for p in _candidates(kind, half)):
+        for plan in dict.fromkeys(_fit(p, D) for p in candidate_plans(kind, half)):
             try:
                 ms = do_bench(lambda p=plan: launch(p), warmup=5, rep=20) if AUTOTUNE \
                     else launch(plan) or 0.0

@@ -61,6 +61,29 @@ def test_triton_cuda_equals_chunked_twin(kcheck, precision):
 
 
 @pytest.mark.gpu
+def test_every_tuning_candidate_computes_the_same(kcheck):
+    # Autotuning may pick any candidate plan: each one (bf16 tiles on the fp32 master weight,
+    # the training call's kernels) must give the chunked twin's values and gradients.
+    from unpg.kernels import triton_launch as launch
+    from unpg.kernels.triton_function import triton_lse_and_target
+
+    x, w, labels = _on_cuda(kcheck.inputs(200, 3000, 512, torch.float32, seed=25))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ell, cos_t = lse_and_target(xr, wr, labels, SCALE, backend="chunked", precision="bf16")
+    (ell.sum() - SCALE * cos_t.sum()).backward()
+    twin = (ell, cos_t, xr.grad, wr.grad)
+    sets = {kind: launch.candidate_plans(kind, half=True) for kind in ("fwd", "dx", "dw")}
+    for i in range(max(len(c) for c in sets.values())):
+        plans = {kind: c[i % len(c)] for kind, c in sets.items()}
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ell, cos_t = triton_lse_and_target(xr, wr, labels, SCALE, precision="bf16", plans=plans)
+        (ell.sum() - SCALE * cos_t.sum()).backward()
+        for name, a, b in zip(("ell", "cos_t", "dX", "dW"), (ell, cos_t, xr.grad, wr.grad), twin):
+            err, scale = (a - b).abs().max().item(), b.abs().max().item()
+            assert err <= 1e-4 * max(scale, 1.0), f"{name} with {plans}: {err:.3g}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_chunked_cuda_within_rule(kcheck, dtype):
     x, w, labels = _on_cuda(kcheck.inputs(256, 9000, 256, dtype, seed=22))
