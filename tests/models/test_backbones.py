@@ -14,6 +14,8 @@ from torch import nn
 
 from unpg.models import build_backbone, list_models, register_model
 from unpg.models import registry as registry_mod
+from unpg.models.iresnet import IRESNET_ARGS
+from unpg.tools.weights_import import infer_backbone
 
 EMB = 64  # small embedding for speed; insightface checks use the released 512
 SIZE = 112
@@ -392,3 +394,12 @@ def test_integer_images_rejected() -> None:
     model = build_backbone("mobilefacenet_s", embedding_size=EMB).eval()
     with pytest.raises(ValueError, match="float"):
         model(torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8))
+
+
+def test_one_iresnet_table_drives_builders_and_weight_inference() -> None:
+    assert {n: tuple(a["layers"]) for n, a in IRESNET_ARGS.items()} == IRESNET_LAYERS
+    for name, args in IRESNET_ARGS.items():
+        with torch.device("meta"):  # no memory: only the key layout is needed
+            sd = build_backbone(name, embedding_size=EMB).state_dict()
+        assert infer_backbone(sd) == (name, EMB)
+        assert str(args["layers"]) in registry_mod._MODELS[name].__doc__

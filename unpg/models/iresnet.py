@@ -13,7 +13,7 @@ stride 2, so 112×112 input ends as a 512×7×7 map).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
@@ -143,51 +143,36 @@ class IResNet(nn.Module):
             return self.features(self.fc(x.float()))
 
 
-@register_model
-def iresnet18(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = False,
-              fp16: bool = False, amp_dtype: str | torch.dtype = "float16",
-              zero_init_residual: bool = False) -> IResNet:
-    """IResNet-18, blocks (2, 2, 2, 2): 24.0M parameters at 512-d."""
-    return IResNet((2, 2, 2, 2), embedding_size=embedding_size, dropout=dropout,
-                   channels_last=channels_last, fp16=fp16, amp_dtype=amp_dtype,
-                   zero_init_residual=zero_init_residual)
+# The one table of IResNet depths (timm's model_args style): builders, the registry and weight
+# import (which names an IResNet by its blocks per stage) all read it.
+IRESNET_ARGS: Dict[str, Dict[str, Any]] = {
+    "iresnet18": dict(layers=(2, 2, 2, 2), params="24.0M"),
+    "iresnet34": dict(layers=(3, 4, 6, 3), params="34.1M"),
+    "iresnet50": dict(layers=(3, 4, 14, 3), params="43.6M"),
+    "iresnet100": dict(layers=(3, 13, 30, 3), params="65.2M"),  # the official code's backbone
+    "iresnet200": dict(layers=(6, 26, 60, 6), params="118.8M"),
+}
 
 
-@register_model
-def iresnet34(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = False,
-              fp16: bool = False, amp_dtype: str | torch.dtype = "float16",
-              zero_init_residual: bool = False) -> IResNet:
-    """IResNet-34, blocks (3, 4, 6, 3): 34.1M parameters at 512-d."""
-    return IResNet((3, 4, 6, 3), embedding_size=embedding_size, dropout=dropout,
-                   channels_last=channels_last, fp16=fp16, amp_dtype=amp_dtype,
-                   zero_init_residual=zero_init_residual)
+def _iresnet_builder(name: str):
+    """A registered builder ``name(embedding_size=512, ...)`` for the depth in IRESNET_ARGS."""
+    layers = IRESNET_ARGS[name]["layers"]
+
+    def builder(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = False,
+                fp16: bool = False, amp_dtype: str | torch.dtype = "float16",
+                zero_init_residual: bool = False) -> IResNet:
+        return IResNet(layers, embedding_size=embedding_size, dropout=dropout,
+                       channels_last=channels_last, fp16=fp16, amp_dtype=amp_dtype,
+                       zero_init_residual=zero_init_residual)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = (f"IResNet-{name[len('iresnet'):]}, blocks {layers}: "
+                       f"{IRESNET_ARGS[name]['params']} parameters at 512-d.")
+    return register_model(builder)
 
 
-@register_model
-def iresnet50(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = False,
-              fp16: bool = False, amp_dtype: str | torch.dtype = "float16",
-              zero_init_residual: bool = False) -> IResNet:
-    """IResNet-50, blocks (3, 4, 14, 3): 43.6M parameters at 512-d."""
-    return IResNet((3, 4, 14, 3), embedding_size=embedding_size, dropout=dropout,
-                   channels_last=channels_last, fp16=fp16, amp_dtype=amp_dtype,
-                   zero_init_residual=zero_init_residual)
-
-
-@register_model
-def iresnet100(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = False,
-               fp16: bool = False, amp_dtype: str | torch.dtype = "float16",
-               zero_init_residual: bool = False) -> IResNet:
-    """IResNet-100, blocks (3, 13, 30, 3): 65.2M parameters at 512-d (the official code's backbone)."""
-    return IResNet((3, 13, 30, 3), embedding_size=embedding_size, dropout=dropout,
-                   channels_last=channels_last, fp16=fp16, amp_dtype=amp_dtype,
-                   zero_init_residual=zero_init_residual)
-
-
-@register_model
-def iresnet200(embedding_size: int = 512, dropout: float = 0.0, channels_last: bool = False,
-               fp16: bool = False, amp_dtype: str | torch.dtype = "float16",
-               zero_init_residual: bool = False) -> IResNet:
-    """IResNet-200, blocks (6, 26, 60, 6): 118.8M parameters at 512-d."""
-    return IResNet((6, 26, 60, 6), embedding_size=embedding_size, dropout=dropout,
-                   channels_last=channels_last, fp16=fp16, amp_dtype=amp_dtype,
-                   zero_init_residual=zero_init_residual)
+iresnet18 = _iresnet_builder("iresnet18")
+iresnet34 = _iresnet_builder("iresnet34")
+iresnet50 = _iresnet_builder("iresnet50")
+iresnet100 = _iresnet_builder("iresnet100")
+iresnet200 = _iresnet_builder("iresnet200")

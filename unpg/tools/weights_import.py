@@ -48,6 +48,7 @@ from torch import nn
 
 from unpg.fileio import atomic_write
 from unpg.models import build_backbone, list_models
+from unpg.models.iresnet import IRESNET_ARGS
 
 __all__ = ["FORMATS", "ImportedWeights", "SeedModule", "UnsafeCheckpointError", "import_weights",
            "infer_backbone", "load_restricted", "save_atomic", "torch_load"]
@@ -236,8 +237,7 @@ def _signature(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
 
 
 # insightface's IResNet depths: blocks per stage (layer1..layer4) -> registered name.
-_IRESNET_BLOCKS = {(2, 2, 2, 2): "iresnet18", (3, 4, 6, 3): "iresnet34", (3, 4, 14, 3): "iresnet50",
-                   (3, 13, 30, 3): "iresnet100", (6, 26, 60, 6): "iresnet200"}
+_IRESNET_BLOCKS = {tuple(args["layers"]): name for name, args in IRESNET_ARGS.items()}
 
 
 def infer_backbone(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> Tuple[str, int]:
