@@ -12,6 +12,7 @@ import torch
 import triton  # noqa: F401  (the Triton path's entry: a missing install fails here, clearly)
 
 from . import triton_launch as tl_launch
+from .precision import TILE_DTYPES
 from .target import TargetRows, add_target_grads, target_rows
 
 
@@ -24,19 +25,22 @@ class TritonLSEAndTarget(torch.autograd.Function):
         x_BD = emb_hat_BD.contiguous()
         w_CD = weight_CD if weight_CD.stride(1) == 1 else weight_CD.contiguous()
         labels_B = labels_B.to(torch.int64).contiguous()
+        # The small B x D operand is cast to half tiles once (every program re-reads it; the
+        # values are those the in-register cast gives); W stays in its storage dtype.
+        x_tiles_BD = x_BD.to(TILE_DTYPES.get(tile, x_BD.dtype))
         inv_C = tl_launch.inv_norms(w_CD)
-        ell_B = tl_launch.lse_forward(x_BD, w_CD, labels_B, inv_C, scale, class_start, tile,
-                                      plans.get("fwd"))
+        ell_B = tl_launch.lse_forward(x_tiles_BD, w_CD, labels_B, inv_C, scale, class_start,
+                                      tile, plans.get("fwd"))
         rows = target_rows(x_BD, w_CD, labels_B, class_start, torch.float32)
-        ctx.save_for_backward(x_BD, w_CD, labels_B, inv_C, ell_B, *rows)
+        ctx.save_for_backward(x_BD, x_tiles_BD, w_CD, labels_B, inv_C, ell_B, *rows)
         ctx.scale, ctx.class_start, ctx.tile, ctx.plans = scale, class_start, tile, plans
         return ell_B, rows.cos_B
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ell_B, grad_cos_B):
-        x_BD, w_CD, labels_B, inv_C, ell_B, *rows = ctx.saved_tensors
-        args = (x_BD, w_CD, labels_B, inv_C, ell_B, grad_ell_B.float().contiguous(),
+        x_BD, x_tiles_BD, w_CD, labels_B, inv_C, ell_B, *rows = ctx.saved_tensors
+        args = (x_tiles_BD, w_CD, labels_B, inv_C, ell_B, grad_ell_B.float().contiguous(),
                 ctx.scale, ctx.class_start, ctx.tile)
         dx_BD = dw_CD = None
         if ctx.needs_input_grad[0]:
