@@ -20,6 +20,9 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
+
+from unpg.config import NORMALIZE_MEAN_STD
 
 __all__ = ["FLIP_MODES", "embed_batch", "extract_features", "iter_image_batches", "resolve_device"]
 
@@ -58,8 +61,6 @@ def _eval_mode(model: nn.Module):
 
 
 def _mean_std(normalize: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from unpg.config import NORMALIZE_MEAN_STD
-
     if normalize not in NORMALIZE_MEAN_STD:
         raise ValueError(f"normalize must be one of {sorted(NORMALIZE_MEAN_STD)}, got {normalize!r}")
     mean, std = NORMALIZE_MEAN_STD[normalize]
@@ -120,8 +121,6 @@ def extract_features(model: nn.Module, n: int, load: Callable[[int], np.ndarray]
 
     ``model`` must already be on ``device``; it is put in eval mode for the duration.
     """
-    from tqdm import tqdm
-
     if flip not in FLIP_MODES:
         raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
     dev = resolve_device(device)

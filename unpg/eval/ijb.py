@@ -25,8 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 import torch
+from scipy import sparse
 from torch import nn
 
+from ..data.align import align_face
 from ..fileio import atomic_write
 from .features import extract_features
 from .ijb_meta import ONE_N_FILES, IJBMeta, need_file, read_ijb_meta, read_template_subjects
@@ -58,8 +60,6 @@ def aggregate_templates(feats_ND: np.ndarray, templates_N: np.ndarray, medias_N:
     ``W @ feats`` with ``W[t, i] = weight_i / |media of image i in template t|``: no copy of
     the image features and no loop over templates.
     """
-    from scipy import sparse
-
     n = len(feats_ND)
     templates_N = np.asarray(templates_N, dtype=np.int64)
     medias_N = np.asarray(medias_N, dtype=np.int64)
@@ -254,8 +254,6 @@ def image_features(model: nn.Module, meta: IJBMeta, *, variant: str, image_size:
         if not crop_dir.is_dir():
             raise FileNotFoundError(f"IJB image folder not found: {crop_dir} (expected the "
                                     f"loose crops named in {meta.benchmark}_face_tid_mid.txt)")
-        from unpg.data.align import align_face
-
         names, lmk = meta.image_names, meta.landmarks
 
         def load(i: int) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unpg.data.align import TEMPLATES, align_face
+from unpg.data.detect import RetinaFaceDetector
 from unpg.fileio import atomic_write_bytes as _atomic_write_bytes  # old name; tests use it
 from unpg.fileio import claim_output_dir
 
@@ -225,8 +226,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.image_size <= 0:
         raise SystemExit(f"--image-size must be positive, got {args.image_size}")
-    from unpg.data.detect import RetinaFaceDetector  # torch import only when the CLI runs
-
     try:
         if not Path(args.src).is_dir():
             raise FileNotFoundError(f"--src {args.src} is not a folder (expected the K-FACE root)")
