@@ -28,9 +28,8 @@ class TritonLSEAndTarget(torch.autograd.Function):
         # The small B x D operand is cast to half tiles once (every program re-reads it; the
         # values are those the in-register cast gives); W stays in its storage dtype.
         x_tiles_BD = x_BD.to(TILE_DTYPES.get(tile, x_BD.dtype))
-        inv_C = tl_launch.inv_norms(w_CD)
-        ell_B = tl_launch.lse_forward(x_tiles_BD, w_CD, labels_B, inv_C, scale, class_start,
-                                      tile, plans.get("fwd"))
+        ell_B, inv_C = tl_launch.lse_forward(x_tiles_BD, w_CD, labels_B, scale, class_start,
+                                             tile, plans.get("fwd"))
         rows = target_rows(x_BD, w_CD, labels_B, class_start, torch.float32)
         ctx.save_for_backward(x_BD, x_tiles_BD, w_CD, labels_B, inv_C, ell_B, *rows)
         ctx.scale, ctx.class_start, ctx.tile, ctx.plans = scale, class_start, tile, plans

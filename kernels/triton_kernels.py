@@ -7,11 +7,11 @@ Precision (``precision.py``): every tile is loaded in its storage dtype (the fp3
 stays fp32 in memory) and cast in registers to the compute dtype ``TILE`` (0 ieee fp32, 1 tf32,
 2 bf16, 3 fp16); products accumulate in fp32 and the log-sum-exp is fp32.
 
-* ``inv_norm_kernel``: ``1/max(|w_j|, eps)`` per class, one pass over W; no normalised copy of
-  W is ever written, the norm scales each fp32 product tile.
 * ``fwd_kernel``: grid (row blocks x class splits); online (max, sum-exp) per row over the
   split's class tiles; one partial (m, l) per split (small batches still fill the GPU), combined
-  by a length-B logsumexp in torch.
+  by a length-B logsumexp in torch. The class norms ``1/max(|w_j|, eps)`` come from the same W
+  tiles as the products (no separate pass over W, no normalised copy of W) and scale each fp32
+  product tile; the first row block stores them for the backward.
 * ``dx_kernel``: grid (row blocks x class splits x D blocks). The program recomputes its
   probability tiles and keeps ``dX[rows, d-block]`` of its class split in registers, then
   writes it once into a ``[splits, B, D]`` fp32 partial; torch sums the splits. Deterministic
@@ -104,21 +104,6 @@ def _grad_tile(r, inv, tgt, cols, row_ok, col_ok, ell, g, scale):
 
 
 @triton.jit
-def inv_norm_kernel(W, INV, C, D, stride_wc, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    cols64 = cols.to(tl.int64)
-    sumsq = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        w = tl.load(W + cols64[:, None] * stride_wc + dd[None, :],
-                    mask=col_ok[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
-        sumsq += tl.sum(w * w, 1)
-    inv = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)  # reference.NORM_EPS (F.normalize's eps)
-    tl.store(INV + cols, inv, mask=col_ok)
-
-
-@triton.jit
 def fwd_kernel(X, W, INV, LAB, M_OUT, L_OUT, B, C, D, class_start, scale, tiles_per_split,
                stride_xb, stride_wc,
                BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -133,9 +118,24 @@ def fwd_kernel(X, W, INV, LAB, M_OUT, L_OUT, B, C, D, class_start, scale, tiles_
     for t in range(0, tiles_per_split):
         cols = (pid_s * tiles_per_split + t) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
-        r = _products(X, W, rows, cols.to(tl.int64), row_ok, col_ok, D, stride_xb, stride_wc,
-                      BLOCK_B, BLOCK_C, BLOCK_D, TILE, INTERP)
-        inv = tl.load(INV + cols, mask=col_ok, other=0.0)
+        cols64 = cols.to(tl.int64)
+        # The products and the class norms from the same W tiles (one read of W for both).
+        r = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        sumsq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            x = tl.load(X + rows[:, None] * stride_xb + dd[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(W + cols64[:, None] * stride_wc + dd[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            w32 = w.to(tl.float32)
+            sumsq += tl.sum(w32 * w32, 1)
+            r = _dot(_tile(x, TILE, INTERP), tl.trans(_tile(w, TILE, INTERP)), r, TILE, INTERP)
+        inv = tl.where(col_ok, 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12), 0.0)  # NORM_EPS
+        # Every row block computes the same norms; the first one stores them for backward.
+        if pid_b == 0:
+            tl.store(INV + cols, inv, mask=col_ok)
         valid = col_ok[None, :] & (cols[None, :] != tgt[:, None])
         logit = tl.where(valid, r * (inv * scale)[None, :], float("-inf"))
         m_new = tl.maximum(m, tl.max(logit, 1))

@@ -151,25 +151,15 @@ def check_dtypes(x_BD: torch.Tensor, w_CD: torch.Tensor) -> None:
             "bfloat16 or float32 (float64: backend='chunked')")
 
 
-def inv_norms(w_CD: torch.Tensor) -> torch.Tensor:
-    """``1 / max(|w_j|, eps)`` as float32 (C,)."""
-    C, D = w_CD.shape
-    inv_C = torch.empty(C, dtype=torch.float32, device=w_CD.device)
-    if C == 0:
-        return inv_C
-    block_c = 64 if INTERPRET else 32
-    tk.inv_norm_kernel[(triton.cdiv(C, block_c),)](
-        w_CD, inv_C, C, D, w_CD.stride(0), BLOCK_C=block_c, BLOCK_D=64)
-    return inv_C
-
-
-def lse_forward(x_BD, w_CD, labels_B, inv_C, scale: float, class_start: int, tile: str,
-                forced: Optional[Plan] = None) -> torch.Tensor:
-    """``ell_B`` (float32): split forward kernel, then a logsumexp over the splits."""
+def lse_forward(x_BD, w_CD, labels_B, scale: float, class_start: int, tile: str,
+                forced: Optional[Plan] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(ell_B, inv_C)`` (float32): the split forward kernel, a logsumexp over the splits, and
+    the class norms ``1/max(|w_j|, eps)`` it computed on the way."""
     B, D = x_BD.shape
     C = w_CD.shape[0]
+    inv_C = torch.zeros(C, dtype=torch.float32, device=w_CD.device)
     if B == 0 or C == 0:
-        return torch.full((B,), float("-inf"), dtype=torch.float32, device=x_BD.device)
+        return torch.full((B,), float("-inf"), dtype=torch.float32, device=x_BD.device), inv_C
     out = {}
 
     def launch(plan: Plan) -> None:
@@ -189,7 +179,7 @@ def lse_forward(x_BD, w_CD, labels_B, inv_C, scale: float, class_start: int, til
     plan = choose_plan("fwd", tile, x_BD, w_CD, launch, forced)
     launch(plan)
     LAST_LAUNCH["fwd"] = (tile, plan)
-    return torch.logsumexp(out["m"] + torch.log(out["l"]), dim=0)
+    return torch.logsumexp(out["m"] + torch.log(out["l"]), dim=0), inv_C
 
 
 def lse_backward_dx(x_BD, w_CD, labels_B, inv_C, ell_B, g_B, scale: float, class_start: int,
