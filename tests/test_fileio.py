@@ -6,7 +6,19 @@ import stat
 import pytest
 
 from unpg import fileio
-from unpg.fileio import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
+from unpg.fileio import (
+    MANIFEST,
+    OutputError,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_dir,
+    claim_output_dir,
+    claim_output_file,
+    manifest_tool,
+    staged_output_dir,
+)
 
 
 def _names(folder):
@@ -106,3 +118,73 @@ def test_umask_fallback_without_proc(monkeypatch):
     finally:
         os.umask(old)
         fileio._umask.cache_clear()
+
+
+# ----------------------------------------------------------------------------- output ownership
+def test_claim_output_dir_rules(tmp_path):
+    out = claim_output_dir(tmp_path / "new" / "out", "toolA")  # absent: created and marked
+    assert manifest_tool(out) == "toolA" and _names(out) == [MANIFEST]
+    (out / "result.txt").write_text("a")
+    assert claim_output_dir(out, "toolA") == out  # its own output: taken as it is
+    assert (out / "result.txt").read_text() == "a"
+    with pytest.raises(OutputError, match="was written by toolA.*--force"):
+        claim_output_dir(out, "toolB")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "train.rec").write_bytes(b"data")
+    with pytest.raises(OutputError) as e:
+        claim_output_dir(foreign, "toolA", option="--dst")
+    assert "--dst" in str(e.value) and str(foreign) in str(e.value) and MANIFEST in str(e.value)
+    assert _names(foreign) == ["train.rec"]
+    claim_output_dir(foreign, "toolA", force=True)  # replaced
+    assert _names(foreign) == [MANIFEST]
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "failed.txt").write_text("")
+    claim_output_dir(legacy, "toolA", ours=lambda p: (p / "failed.txt").is_file())
+    assert sorted(_names(legacy)) == sorted(["failed.txt", MANIFEST])  # adopted, kept
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        claim_output_dir(tmp_path / "file", "toolA")
+
+
+def test_unwritable_output_is_found_before_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="not a writable folder"):
+        check_writable_dir(blocker / "sub")
+    with pytest.raises(OutputError, match="not a writable folder"):
+        claim_output_file(blocker / "sub" / "out.pth")
+
+
+def test_claim_output_file(tmp_path):
+    f = tmp_path / "out.bin"
+    assert claim_output_file(f) == f  # absent
+    f.write_bytes(b"MINE....")
+    with pytest.raises(OutputError, match="already exists and is not a packed file"):
+        claim_output_file(f, "a packed file")
+    assert claim_output_file(f, "a packed file", ours=lambda p: p.read_bytes()[:4] == b"MINE") == f
+    assert claim_output_file(f, force=True) == f
+    assert f.read_bytes() == b"MINE...."  # claiming never writes the file itself
+
+
+def test_staged_output_dir_replaces_only_its_own_output(tmp_path):
+    out = tmp_path / "out"
+    with staged_output_dir(out, "toolA") as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert sorted(_names(out)) == sorted(["a.txt", MANIFEST])
+    with staged_output_dir(out, "toolA") as tmp:  # its own output: replaced whole
+        (tmp / "b.txt").write_text("2")
+    assert sorted(_names(out)) == sorted(["b.txt", MANIFEST])
+    with pytest.raises(RuntimeError):  # an error inside leaves the old output and no temporary
+        with staged_output_dir(out, "toolA") as tmp:
+            raise RuntimeError("boom")
+    assert sorted(_names(out)) == sorted(["b.txt", MANIFEST])
+    assert _names(tmp_path) == ["out"]
+    with pytest.raises(OutputError, match="toolA"):
+        with staged_output_dir(out, "toolB"):
+            pass
+    with staged_output_dir(out, "toolB", force=True) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(_names(out)) == sorted(["c.txt", MANIFEST]) and manifest_tool(out) == "toolB"
+    assert _names(tmp_path) == ["out"]
