@@ -188,6 +188,35 @@ class FaceRecIndex:
                        f"(class {c}, keys {ranges[c].tolist()})")
         return image_keys, labels, ranges
 
+    @classmethod
+    def scan(cls, directory: PathLike) -> "FaceRecIndex":
+        """Every readable image record of the rec, found by reading each record's IRHeader (not
+        the header and identity records, which may be the damaged part): records with a scalar
+        label are images, ordered by (label, key); array-label records are skipped and damaged
+        ones listed in ``damaged``. For repairing a rec that ``open`` refuses."""
+        d = Path(directory)
+        prop = _read_property(d / "property")
+        rec = IndexedRecordIO(d / "train.idx", d / "train.rec", "r")
+        damaged: List[Tuple[int, int, str]] = []
+        try:
+            pos = np.arange(len(rec))
+            words = np.concatenate([rec.header_words(pos[lo:lo + _CHUNK], IR_SIZE // 4, damaged)
+                                    for lo in range(0, pos.size, _CHUNK)] or [np.zeros((0, 6), np.uint32)])
+            image = words[:, 0] == 0  # flag 0: a scalar label (damaged rows hold DAMAGED_WORD)
+            labels_f = words.view("<f4")[:, 1].astype(np.float64)
+            ok = image & np.isfinite(labels_f) & (labels_f >= 0) & (labels_f == np.floor(labels_f))
+            keys, labels = rec.key_array[ok], labels_f[ok].astype(np.int64)
+            order = np.lexsort((keys, labels))
+            keys, labels = keys[order], labels[order]
+            if keys.size == 0:
+                raise RecordIOError(f"{rec.rec_path}: the rec has no readable images ({len(rec)} records)")
+            num_classes = int(labels.max()) + 1
+        except BaseException:
+            rec.close()
+            raise
+        return cls(rec, keys, labels, num_classes, None, None if prop is None else (prop[1], prop[2]),
+                   sorted(set(damaged)))
+
     def __len__(self) -> int:
         return int(self.image_keys.size)
 

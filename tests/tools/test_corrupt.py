@@ -116,3 +116,24 @@ def test_empty_rec_is_an_error_for_inspect(tmp_path):
     res = run("unpg.tools.inspect", "--rec", d, "--verify", "--no-progress")
     assert res.returncode == 2 and "has no images" in res.stderr, res.stderr
     assert "batch" not in res.stderr
+
+
+@pytest.mark.parametrize("damaged_key", [0, CLASSES * PER_CLASS + 2])  # header / an identity record
+def test_repair_rebuilds_a_rec_whose_layout_records_are_damaged(tmp_path, damaged_key):
+    d = tmp_path / "rec"
+    images = [(k // PER_CLASS, _jpeg(k)) for k in range(CLASSES * PER_CLASS)]
+    with FaceRecWriter(d) as w:
+        for label, data in images:
+            w.add(label, data)
+    keys, offsets = parse_idx((d / "train.idx").read_bytes())
+    with open(d / "train.rec", "r+b") as f:
+        f.seek(int(offsets[keys.tolist().index(damaged_key)]))
+        f.write(b"\x00\x11\x22\x33")
+    res = run("unpg.tools.inspect", "--rec", d, "--verify", "--no-progress")
+    assert res.returncode == 2 and "damaged" in res.stderr  # the layout itself is unreadable
+    out = tmp_path / "clean"
+    res = run("unpg.tools.inspect", "--rec", d, "--repair", out, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    with FaceRecIndex.open(out) as index:
+        assert [index.read_image(i) for i in range(len(index))] == images
+        assert index.num_classes == CLASSES

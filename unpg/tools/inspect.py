@@ -176,7 +176,13 @@ def repair_rec(rec_dir: os.PathLike | str, out: os.PathLike | str, *, workers: i
     the module docstring); returns the verification report plus a ``repair`` summary."""
     if Path(rec_dir).resolve() == Path(out).resolve():
         raise ValueError(f"--repair {out} is the source folder; write the clean copy elsewhere")
-    with FaceRecIndex.open(rec_dir) as index:
+    try:
+        index = FaceRecIndex.open(rec_dir)
+    except RecordIOError as e:  # e.g. a damaged header or identity record: rebuild from images
+        print(f"inspect: {e}; rebuilding the layout from the image records' own labels",
+              file=sys.stderr)
+        index = FaceRecIndex.scan(rec_dir)
+    with index:
         n = len(index)
         counts = np.bincount(index.labels, minlength=index.num_classes)
         picks = np.arange(n)
