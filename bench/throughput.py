@@ -1,27 +1,35 @@
-"""Data-loading throughput: each loader alone, decode-only ceilings, the training step alone, and
-the training step fed by a loader (which side is the bottleneck). The profiling entry point.
+"""Data-loading throughput: decode ceilings, every loader at 1, 2, 4, ... workers (a scaling
+table), each loader under GIL load, the training step alone and fed by each loader.
 
-    python bench/throughput.py [--json FILE] [--profile DIR] [--workers 2] [--batch 128]
+    python bench/throughput.py [--workers N] [--device cpu|cuda] [--json FILE] [--skip ...]
 
 Data: a synthetic insightface rec of ``--identities x --images-per-identity`` (default 1000 x 20 =
 20,000) 112x112 JPEGs (quality 95, like insightface's packing) under ``bench/data/`` (git-ignored),
 generated once and reused, plus its packed file (ffcv) and prepared shards (DALI).
 
-Measured (every loader with the same ``--workers`` threads/processes; median of ``--passes``
-full epochs after a warm-up):
+Measured (median of ``--passes`` full epochs after a warm-up; torch limited to one intra-op
+thread during the data-side parts, so the loaders' own workers own the cores):
 
-* ``loader/seed``: what the official code does — a ``DataLoader`` whose workers decode each image with PIL,
-  resize it to 112 (bicubic), flip it at random and normalise it (ImageNet mean/std) one by one.
-  It reads the JPEG bytes from the same memory-mapped rec (the official code reads image files; reading
-  files only adds cost), so the comparison isolates the per-sample decode/transform path.
-* ``loader/torch``, ``loader/ffcv`` (``loader/ffcv_<decoder>`` for other decoders), ``loader/dali``
-  (CPU pipeline here): ``unpg.loaders.build_loader`` output, normalised float batches.
-* ``decode/<decoder>``: decode-only ceiling, the same JPEGs from memory with ``--workers`` threads
-  into a preallocated buffer, nothing else.
-* ``train/step``: mobilefacenet + ArcFace margin-softmax forward/backward/SGD on in-memory batches;
-  ``train/fed_by_<loader>``: the same step fed by that loader.
+* ``decode/<decoder>/<threads|processes>``: decode-only ceiling, the same JPEGs from memory into
+  a preallocated buffer, with ``--workers`` threads of one process, or ``--workers`` forked
+  processes writing into shared memory. Nothing else.
+* ``loader/<name>/<w>``: ``unpg.loaders.build_loader`` output (normalised float batches on
+  ``--device``) with ``loader.workers = w`` for w = 1, 2, 4, ..., ``--workers``. ``loader/seed``
+  is what the official code does: a ``DataLoader`` whose worker processes decode each image with
+  PIL, resize it to 112 (bicubic), flip it at random and normalise it one by one (reading the
+  JPEG bytes from the same memory-mapped rec: the official code reads files, which only adds).
+* ``loader/<name>/gil_load``: the same loader at ``--workers`` while the consuming thread runs a
+  pure-Python loop after each batch, for ``--gil-load-frac`` (default 0.25) of the time that
+  loader alone needs per batch: a stand-in for the training loop's own Python work. A loader
+  that needs the training process's GIL stalls during that loop; a perfect one loses nothing but
+  the CPU time the loop itself takes from the workers (on 2 cores, up to ~frac/2).
+* ``train/step``: mobilefacenet + ArcFace margin softmax forward/backward/SGD on in-memory
+  batches; ``train/fed_by_<name>``: the same step fed by that loader (``--workers``).
 
-Names in ``--json``: ``{"results": [{"name", "value", "unit"}]}``.
+Names in ``--json``: ``{"results": [{"name", "value", "unit"}]}`` with names
+``decode/<decoder>/<threads|processes>/images_per_s``, ``loader/<name>/<workers>/images_per_s``,
+``loader/<name>/gil_load/images_per_s``, ``train/step/images_per_s``,
+``train/fed_by_<name>/images_per_s``.
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ import argparse
 import contextlib
 import io
 import json
+import mmap
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -39,14 +49,21 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+from unpg.loaders import build_loader
+from unpg.loaders.decode import cpu_decoder
+
+from unpg.config import NORMALIZE_MEAN_STD, Config
+from unpg.data.synthetic import ensure_dataset
+from unpg.fileio import atomic_write_json
+from unpg.losses import margin_softmax_loss
+from unpg.models import build_backbone
+from unpg.recordio import FaceRecIndex
+from unpg.tools.pack import pack_rec
+from unpg.tools.prepare_dali import prepare_dali
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
-RESULTS: List[Dict] = []
-
-
-def record(name: str, value: float, unit: str = "images/s") -> None:
-    RESULTS.append({"name": name, "value": float(value), "unit": unit})
+LOADERS = ("seed", "torch", "ffcv", "dali")
 
 
 def rate_median(fn: Callable[[], int], passes: int) -> float:
@@ -59,18 +76,23 @@ def rate_median(fn: Callable[[], int], passes: int) -> float:
     return statistics.median(rates)
 
 
+def worker_counts(n: int) -> List[int]:
+    """1, 2, 4, ... below ``n``, then ``n``."""
+    out, w = [], 1
+    while w < n:
+        out.append(w)
+        w *= 2
+    return out + [n]
+
+
 # ----------------------------------------------------------------------------- data
 def ensure_data(args) -> Dict[str, str]:
-    from unpg.data.synthetic import ensure_dataset
-    from unpg.tools.pack import pack_rec
-    from unpg.tools.prepare_dali import prepare_dali
-
     rec = DATA / f"synth_{args.identities}x{args.images_per_identity}"
     meta = ensure_dataset(str(rec), args.identities, args.images_per_identity, val_identities=10,
                           val_pairs=20, seed=0, quality=95)
     pack = rec.with_suffix(".unpgpack")
     if not pack.exists() or pack.stat().st_mtime < (rec / "train.rec").stat().st_mtime:
-        pack_rec(rec, pack)
+        pack_rec(rec, pack, force=True)
     dali = rec.with_name(rec.name + "_dali")
     try:
         m = json.loads((dali / "dali_manifest.json").read_text())
@@ -78,31 +100,26 @@ def ensure_data(args) -> Dict[str, str]:
             (dali / "dali_manifest.json").stat().st_mtime > (rec / "train.rec").stat().st_mtime
     except (OSError, ValueError, KeyError):
         fresh = False
-    if not fresh:
-        prepare_dali(rec, dali, shards=2, seed=0, workers=args.workers)
+    if not fresh and "dali" not in args.skip:
+        prepare_dali(rec, dali, shards=2, seed=0, workers=args.workers, force=True)
     return {"rec": str(rec), "pack": str(pack), "dali": str(dali)}
 
 
-def make_cfg(args, paths, loader: str, decoder: str = "cv2", normalize: str = "insightface"):
-    from unpg.config import Config
-
+def make_cfg(args, paths, loader: str, workers: int, batch: Optional[int] = None) -> Config:
     cfg = Config()
     cfg.data.rec, cfg.data.ffcv_file, cfg.data.dali_dir = paths["rec"], paths["pack"], paths["dali"]
-    cfg.data.normalize = normalize
-    cfg.loader.name, cfg.loader.decoder, cfg.loader.workers = loader, decoder, args.workers
+    cfg.loader.name, cfg.loader.decoder, cfg.loader.workers = loader, args.decoder, workers
     cfg.loader.batches_ahead = 2
-    cfg.train.batch_size = args.batch
+    cfg.train.batch_size = batch or args.batch
     return cfg.validate()
 
 
-# ----------------------------------------------------------------------------- seed baseline
+# ----------------------------------------------------------------------------- official baseline
 class SeedDataset(torch.utils.data.Dataset):
-    """Per sample: PIL decode, bicubic resize to 112, random flip, ToTensor, Normalize."""
+    """The official code's per-sample path: PIL decode, bicubic resize to 112, random flip,
+    ToTensor, Normalize."""
 
     def __init__(self, rec_dir: str):
-        from unpg.config import NORMALIZE_MEAN_STD
-        from unpg.recordio import FaceRecIndex
-
         self.index = FaceRecIndex.open(rec_dir)
         mean, std = NORMALIZE_MEAN_STD["imagenet"]
         self.mean = torch.tensor(mean).view(3, 1, 1) / 255
@@ -122,106 +139,123 @@ class SeedDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, label
 
 
-def bench_seed(args, paths) -> float:
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
-        print("PIL not importable: skipping the official code baseline")
-        return float("nan")
-    ds = SeedDataset(paths["rec"])
-    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
-                                     num_workers=args.workers, persistent_workers=args.workers > 0)
+class SeedLoader:
+    """``DataLoader`` over ``SeedDataset`` with the loaders' ``set_epoch``/``close`` surface."""
 
-    def epoch() -> int:
-        return sum(len(y) for _, y in dl)
+    def __init__(self, rec: str, batch: int, workers: int):
+        self.dl = torch.utils.data.DataLoader(SeedDataset(rec), batch_size=batch, shuffle=True,
+                                              drop_last=True, num_workers=workers,
+                                              persistent_workers=workers > 0)
 
-    _warm(dl)
-    return rate_median(epoch, args.passes)
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.dl)
+
+    def close(self) -> None:
+        del self.dl
 
 
-def _warm(loader, batches: int = 5) -> None:
-    for k, _ in enumerate(loader):
-        if k + 1 >= batches:
-            break
+def open_loader(args, paths, name: str, workers: int, batch: Optional[int] = None):
+    if name == "seed":
+        return SeedLoader(paths["rec"], batch or args.batch, workers)
+    return build_loader(make_cfg(args, paths, name, workers, batch), 0, 1, args.device)
 
 
 # ----------------------------------------------------------------------------- loaders
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Loader benchmarks run with one torch (OpenMP) thread: the loaders' own ``--workers``
-    threads/processes own the cores, and OpenMP workers spinning beside them on a busy machine
-    cost more than they give (the on-device normalisation of a CPU batch is ~30 us/image)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _sync(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def bench_loader(args, paths, name: str, decoder: str = "cv2") -> float:
-    from unpg.loaders import build_loader
+def _python_loop(seconds: float) -> None:
+    """Pure-Python work holding the GIL for ``seconds`` (the training loop's stand-in)."""
+    end, x = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        for i in range(200):
+            x += i * i
 
-    loader = build_loader(make_cfg(args, paths, name, decoder), 0, 1, args.device)
-    _warm(loader)
-    epochs = iter(range(1, 1000))
+
+def bench_loader(args, paths, name: str, workers: int, python_s: float = 0.0) -> float:
+    """images/s of ``name`` with ``workers``; ``python_s`` of pure Python after each batch."""
+    loader = open_loader(args, paths, name, workers)
+    epochs = iter(range(1, 10_000))
 
     def epoch() -> int:
         loader.set_epoch(next(epochs))
         n = 0
         for _, y in loader:
             n += len(y)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            if python_s:
+                _python_loop(python_s)
+        _sync(args)
         return n
 
-    rate = rate_median(epoch, args.passes)
-    if hasattr(loader, "close"):
+    epoch()  # warm-up: workers started, page cache and allocator warm
+    try:
+        return rate_median(epoch, args.passes)
+    finally:
         loader.close()
-    return rate
 
 
-def bench_decode(args, paths, decoder: str) -> float:
-    """Decode-only ceiling: the rec's JPEGs from memory, ``--workers`` threads, preallocated out."""
-    from unpg.loaders.decode import cpu_decoder
+# ----------------------------------------------------------------------------- decode ceilings
+_JPEGS: List[np.ndarray] = []  # inherited by the forked decode processes
 
-    from unpg.recordio import FaceRecIndex
 
-    with FaceRecIndex.open(paths["rec"]) as index:
-        n = min(len(index), args.decode_images)
-        jpegs = [np.frombuffer(index.read_image(i)[1], np.uint8) for i in range(n)]
+def _decode_range(decoder: str, out: np.ndarray, lo: int, hi: int) -> None:
     if decoder == "pil":
         from PIL import Image
 
-        def decode(buf, out):
-            img = np.asarray(Image.open(io.BytesIO(buf.tobytes())).convert("RGB"))
-            np.copyto(out, img.transpose(2, 0, 1))
-    else:
-        decode = cpu_decoder(decoder)
-    out = np.empty((n, 3, 112, 112), np.uint8)
-    bounds = np.linspace(0, n, 2 * max(1, args.workers) + 1).astype(int)
-
-    def chunk(lo: int, hi: int) -> None:
         for i in range(lo, hi):
-            decode(jpegs[i], out[i])
+            img = np.asarray(Image.open(io.BytesIO(_JPEGS[i].tobytes())).convert("RGB"))
+            np.copyto(out[i], img.transpose(2, 0, 1))
+        return
+    decode = cpu_decoder(decoder)
+    for i in range(lo, hi):
+        decode(_JPEGS[i], out[i])
 
-    with ThreadPoolExecutor(max(1, args.workers)) as pool:
+
+_PROC_STATE: Dict = {}  # decoder, shared output mapping and its shape, set before the fork
+
+
+def _process_chunk(job) -> int:
+    lo, hi = job
+    out = np.frombuffer(_PROC_STATE["mm"], np.uint8).reshape(_PROC_STATE["shape"])
+    _decode_range(_PROC_STATE["decoder"], out, lo, hi)
+    return hi - lo
+
+
+def bench_decode(args, paths, decoder: str, mode: str) -> float:
+    """Decode-only ceiling with ``--workers`` threads or forked processes."""
+    with FaceRecIndex.open(paths["rec"]) as index:
+        n = min(len(index), args.decode_images)
+        _JPEGS[:] = [np.frombuffer(index.read_image(i)[1], np.uint8) for i in range(n)]
+    shape = (n, 3, 112, 112)
+    mm = mmap.mmap(-1, int(np.prod(shape)))  # shared with the forked processes
+    out = np.frombuffer(mm, np.uint8).reshape(shape)
+    w = max(1, args.workers)
+    bounds = np.linspace(0, n, 4 * w + 1).astype(int)
+    jobs = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if mode == "threads":
+        with ThreadPoolExecutor(w) as pool:
+            def run() -> int:
+                list(pool.map(lambda j: _decode_range(decoder, out, *j), jobs))
+                return n
+
+            run()
+            return rate_median(run, args.passes)
+    _PROC_STATE.update(decoder=decoder, mm=mm, shape=shape)
+    with mp.get_context("fork").Pool(w) as pool:
         def run() -> int:
-            list(pool.map(chunk, bounds[:-1], bounds[1:]))
-            return n
+            return sum(pool.map(_process_chunk, jobs, chunksize=1))
 
-        run()  # warm-up
+        run()
         return rate_median(run, args.passes)
 
 
 # ----------------------------------------------------------------------------- training step
 def build_step(args, num_classes: int):
-    try:
-        from unpg.losses import margin_softmax_loss
-        from unpg.models import build_backbone
-    except ImportError as e:
-        raise SystemExit(f"training-step benchmark needs unpg.models.build_backbone and "
-                         f"unpg.losses.margin_softmax_loss: {e}") from None
     dev = torch.device(args.device)
     model = build_backbone("mobilefacenet").to(dev).train()
     weight = torch.nn.Parameter(torch.randn(num_classes, 512, device=dev) * 0.01)
@@ -246,140 +280,154 @@ def bench_step_alone(args, step, num_classes: int) -> float:
     def run() -> int:
         for _ in range(args.train_steps):
             step(images, labels)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(args)
         return args.train_steps * args.train_batch
 
     return rate_median(run, args.passes)
 
 
-def bench_step_fed(args, paths, step, name: str, profile: Optional[str]) -> float:
-    from unpg.loaders import build_loader
-
-    cfg = make_cfg(args, paths, name)
-    cfg.train.batch_size = args.train_batch
-    loader = build_loader(cfg, 0, 1, args.device)
-    epochs = iter(range(1, 1000))
+def bench_step_fed(args, paths, step, name: str) -> float:
+    loader = open_loader(args, paths, name, args.workers, args.train_batch)
+    epochs = iter(range(1, 10_000))
 
     def run(steps: int = args.train_steps) -> int:
         loader.set_epoch(next(epochs))
         done = 0
         for images, labels in loader:
-            step(images, labels)
+            step(images.to(args.device), labels.to(args.device))
             done += 1
             if done == steps:
                 break
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(args)
         return done * args.train_batch
 
     run(1)  # warm-up
-    rate = rate_median(run, args.passes)
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        os.makedirs(profile, exist_ok=True)
-        with torch_profile(activities=acts, record_shapes=True) as prof:
-            run(min(3, args.train_steps))
-        trace = os.path.join(profile, f"train_fed_by_{name}.json")
-        prof.export_chrome_trace(trace)
-        print(f"profiler trace: {trace}")
-    return rate
+    try:
+        return rate_median(run, args.passes)
+    finally:
+        loader.close()
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: Optional[list] = None) -> List[Dict]:
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _default_decoder() -> str:
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return "cv2"  # e.g. a GPU host without simplejpeg
+    return "simplejpeg"
+
+
+def main(argv: Optional[list] = None) -> Dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--identities", type=int, default=1000)
     ap.add_argument("--images-per-identity", type=int, default=20)
-    ap.add_argument("--workers", type=int, default=2, help="threads/processes for every loader")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="the most workers; the scaling table runs 1, 2, 4, ... up to it")
+    ap.add_argument("--scaling", default="", help="comma-separated worker counts to measure "
+                    "(default: 1, 2, 4, ..., --workers)")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--decoder", default=_default_decoder(), choices=["cv2", "simplejpeg"])
     ap.add_argument("--passes", type=int, default=3, help="timed passes (median reported)")
     ap.add_argument("--decode-images", type=int, default=8192)
+    ap.add_argument("--gil-load-frac", type=float, default=0.25)
     ap.add_argument("--train-batch", type=int, default=32,
                     help="batch of the training-step parts (mobilefacenet on a CPU is ~5 img/s)")
     ap.add_argument("--train-steps", type=int, default=1, help="steps per timed training pass")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--skip", nargs="*", default=[],
-                    help="parts to skip: seed torch ffcv dali decode train")
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: seed torch ffcv dali "
+                    "decode scaling gil_load train")
     ap.add_argument("--json", help="write {'results': [...]} here")
-    ap.add_argument("--profile", help="write a torch profiler trace of the fed training step here")
     args = ap.parse_args(argv)
-    if args.passes < 1:
-        ap.error("--passes must be >= 1")
+    if args.passes < 1 or args.workers < 1:
+        ap.error("--passes and --workers must be >= 1")
+    counts = [int(v) for v in args.scaling.split(",")] if args.scaling else \
+        worker_counts(args.workers)
     torch.manual_seed(0)
     paths = ensure_data(args)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"data: {paths['rec']}; {args.workers} workers, batch {args.batch} (training parts "
-          f"{args.train_batch}), device {args.device}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, load average {load:.1f} (other processes share the CPUs)")
+    load = os.getloadavg()[0]
+    print(f"data: {paths['rec']}; workers {counts}, batch {args.batch} (training parts "
+          f"{args.train_batch}), decoder {args.decoder}, device {args.device}, {os.cpu_count()} "
+          f"CPUs, load average {load:.1f} (other processes share the CPUs)", flush=True)
     rates: Dict[str, float] = {}
-    with torch_threads(1):
-        _bench_data_side(args, paths, rates)
-    if "train" not in args.skip:
-        from unpg.recordio import FaceRecIndex
 
+    def put(name: str, value: float) -> None:
+        rates[name] = value
+        print(f"{name:36s} {value:10.0f}", flush=True)
+
+    loaders = [n for n in LOADERS if n not in args.skip]
+    with torch_threads(1):
+        if "decode" not in args.skip:
+            for dec in (args.decoder, "pil"):
+                for mode in ("threads", "processes"):
+                    put(f"decode/{dec}/{mode}", bench_decode(args, paths, dec, mode))
+        for name in loaders:
+            for w in (counts if "scaling" not in args.skip else [args.workers]):
+                try:
+                    put(f"loader/{name}/{w}", bench_loader(args, paths, name, w))
+                except ImportError as e:
+                    print(f"loader/{name}: skipped ({e})")
+                    break
+        if "gil_load" not in args.skip:
+            for name in loaders:
+                alone = rates.get(f"loader/{name}/{args.workers}")
+                if not alone:
+                    continue
+                per_batch = args.batch / alone * args.gil_load_frac
+                put(f"loader/{name}/gil_load", bench_loader(args, paths, name, args.workers,
+                                                            python_s=per_batch))
+    if "train" not in args.skip:
         with FaceRecIndex.open(paths["rec"]) as index:
             num_classes = index.num_classes
         step = build_step(args, num_classes)
-        rates["train/step"] = bench_step_alone(args, step, num_classes)
-        rates["train/fed_by_ffcv"] = bench_step_fed(args, paths, step, "ffcv", args.profile)
-    for name, value in rates.items():
-        record(f"{name}/images_per_s", value)
-    _report(rates)
+        put("train/step", bench_step_alone(args, step, num_classes))
+        for name in loaders:
+            if any(k.startswith(f"loader/{name}/") for k in rates):
+                put(f"train/fed_by_{name}", bench_step_fed(args, paths, step, name))
+    report(rates, args.workers, counts)
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": RESULTS}, indent=1) + "\n")
-    return RESULTS
+        atomic_write_json(args.json, {"results": [
+            {"name": f"{k}/images_per_s", "value": float(v), "unit": "images/s"}
+            for k, v in rates.items()]}, indent=1)
+    return rates
 
 
-def _bench_data_side(args, paths, rates: Dict[str, float]) -> None:
-    if "decode" not in args.skip:
-        for dec in ("cv2", "simplejpeg", "pil"):
-            try:
-                rates[f"decode/{dec}"] = bench_decode(args, paths, dec)
-            except ImportError as e:
-                print(f"decode/{dec}: skipped ({e})")
-    if "seed" not in args.skip:
-        rates["loader/seed"] = bench_seed(args, paths)
-    if "torch" not in args.skip:
-        rates["loader/torch"] = bench_loader(args, paths, "torch")
-    if "ffcv" not in args.skip:
-        rates["loader/ffcv"] = bench_loader(args, paths, "ffcv")
-        try:
-            rates["loader/ffcv_simplejpeg"] = bench_loader(args, paths, "ffcv", "simplejpeg")
-        except ImportError as e:
-            print(f"loader/ffcv_simplejpeg: skipped ({e})")
-        if args.device.startswith("cuda"):
-            # Batched nvJPEG decode on the GPU (torchvision.io.decode_jpeg, device='cuda').
-            try:
-                rates["loader/ffcv_nvjpeg"] = bench_loader(args, paths, "ffcv", "nvjpeg")
-            except ImportError as e:
-                print(f"loader/ffcv_nvjpeg: skipped ({e})")
-    if "dali" not in args.skip:
-        try:
-            rates["loader/dali"] = bench_loader(args, paths, "dali")
-        except ImportError as e:
-            print(f"loader/dali: skipped ({e})")
-
-
-def _report(rates: Dict[str, float]) -> None:
-    print(f"\n{'name':32s} {'images/s':>10s}")
-    for name, value in rates.items():
-        print(f"{name:32s} {value:10.0f}")
-    seed, ffcv = rates.get("loader/seed"), rates.get("loader/ffcv")
+def report(rates: Dict[str, float], n: int, counts: List[int]) -> None:
+    names = sorted({k.split("/")[1] for k in rates if k.startswith("loader/")},
+                   key=lambda s: LOADERS.index(s) if s in LOADERS else 99)
+    if names:
+        print(f"\n{'loader':8s}" + "".join(f"{w:>9d}w" for w in counts) + f"{'gil_load':>10s}")
+        for name in names:
+            row = "".join(f"{rates[f'loader/{name}/{w}']:10.0f}" if f"loader/{name}/{w}" in rates
+                          else f"{'-':>10s}" for w in counts)
+            gil = rates.get(f"loader/{name}/gil_load")
+            print(f"{name:8s}{row}{gil if gil is None else round(gil):>10}")
+    seed, ffcv = rates.get(f"loader/seed/{n}"), rates.get(f"loader/ffcv/{n}")
+    ceiling = max([v for k, v in rates.items() if k.startswith("decode/") and "/pil/" not in k]
+                  or [0.0])
     if seed and ffcv:
-        print(f"\nffcv / seed = {ffcv / seed:.2f}x (target >= 3x)")
-    for dec, key in (("cv2", "loader/ffcv"), ("simplejpeg", "loader/ffcv_simplejpeg")):
-        if key in rates and f"decode/{dec}" in rates:
-            print(f"{key} / decode/{dec} ceiling = {rates[key] / rates[f'decode/{dec}']:.0%} "
-                  f"(target >= 70%)")
+        print(f"\nffcv / seed at {n} workers = {ffcv / seed:.2f}x (target >= 3x)")
+    if ffcv and ceiling:
+        print(f"ffcv / best decode ceiling = {ffcv / ceiling:.0%} (target >= 80%)")
+    one = rates.get("loader/ffcv/1")
+    if one and ffcv and n > 1:
+        print(f"ffcv {n} workers / 1 worker = {ffcv / one:.2f}x")
+    gil = rates.get("loader/ffcv/gil_load")
+    if gil and ffcv:
+        print(f"gil_load costs ffcv {1 - gil / ffcv:.0%} (target <= 20%)")
     step, fed = rates.get("train/step"), rates.get("train/fed_by_ffcv")
     if step and fed and ffcv:
-        side = "the training step" if step < ffcv else "the loader"
-        print(f"training step alone {step:.0f}/s, ffcv alone {ffcv:.0f}/s, fed {fed:.0f}/s: "
-              f"bottleneck is {side}")
+        print(f"train/fed_by_ffcv = {fed / min(step, ffcv):.0%} of min(step, loader) "
+              f"(target >= 90%)")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,9 @@ class BaseLoader:
     def __len__(self) -> int:
         return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)
 
+    def close(self) -> None:
+        """Release workers and files now rather than at garbage collection (idempotent)."""
+
     def _check_enough(self, source: str) -> None:
         if self.num_samples == 0:
             raise ValueError(f"{source} holds no images (0 image records): it is empty or was "

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 DECODERS = ("cv2", "simplejpeg", "nvjpeg")
-Decoder = Callable[[np.ndarray, np.ndarray], None]
+Decoder = Callable[..., None]  # decode(buf, out_3HW, flip=False): flip mirrors left-right
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _EOI_TAIL = 64  # EOI must lie this close to the end (some writers pad a few bytes after it)
 
@@ -117,14 +117,14 @@ def _check_shape(img: Optional[np.ndarray], out_3HW: np.ndarray, what: str) -> n
 def _cv2_decoder() -> Decoder:
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
 
-    def decode(buf: np.ndarray, out_3HW: np.ndarray) -> None:
+    def decode(buf: np.ndarray, out_3HW: np.ndarray, flip: bool = False) -> None:
         check_jpeg(buf)
         if rgb_flag is not None:
             img = _check_shape(cv2.imdecode(buf, rgb_flag), out_3HW, "cv2.imdecode")
-            cv2.split(img, [out_3HW[0], out_3HW[1], out_3HW[2]])
+            cv2.split(cv2.flip(img, 1) if flip else img, [out_3HW[0], out_3HW[1], out_3HW[2]])
         else:  # BGR: the split reverses the channels for free
             img = _check_shape(cv2.imdecode(buf, cv2.IMREAD_COLOR), out_3HW, "cv2.imdecode")
-            cv2.split(img, [out_3HW[2], out_3HW[1], out_3HW[0]])
+            cv2.split(cv2.flip(img, 1) if flip else img, [out_3HW[2], out_3HW[1], out_3HW[0]])
 
     return decode
 
@@ -173,7 +173,7 @@ def _simplejpeg_decoder() -> Decoder:
     simplejpeg = _require_simplejpeg()
     scratch = threading.local()  # one interleaved HWC buffer per decoding thread
 
-    def decode(buf: np.ndarray, out_3HW: np.ndarray) -> None:
+    def decode(buf: np.ndarray, out_3HW: np.ndarray, flip: bool = False) -> None:
         check_jpeg(buf)
         shape = (out_3HW.shape[1], out_3HW.shape[2], 3)
         try:
@@ -188,13 +188,19 @@ def _simplejpeg_decoder() -> Decoder:
             if isinstance(e, DecodeError):
                 raise
             raise DecodeError(f"simplejpeg: {e}") from None
+        if flip:  # mirrored while still interleaved: one cheap pass before the split
+            mirrored = getattr(scratch, "mirrored", None)
+            if mirrored is None or mirrored.shape != shape:
+                mirrored = scratch.mirrored = np.empty(shape, np.uint8)
+            hwc = cv2.flip(hwc, 1, dst=mirrored)
         cv2.split(hwc, [out_3HW[0], out_3HW[1], out_3HW[2]])
 
     return decode
 
 
 def cpu_decoder(name: str) -> Decoder:
-    """``decode(buf uint8 [n], out uint8 [3, H, W])`` for ``loader.decoder`` ``cv2|simplejpeg``.
+    """``decode(buf uint8 [n], out uint8 [3, H, W], flip=False)`` for ``loader.decoder``
+    ``cv2|simplejpeg``; ``flip`` mirrors the image left-right (during the copy out, ~2 us).
 
     Output is planar RGB (CHW): the decoders' own output copy does the HWC -> CHW transpose
     (``cv2.split``, ~3 us/image) so the device step needs no layout change (a torch permute of a
@@ -214,12 +220,13 @@ def strict_cpu_decoder() -> Decoder:
     return _simplejpeg_decoder()
 
 
-def decode_raw(buf: np.ndarray, out_3HW: np.ndarray) -> None:
+def decode_raw(buf: np.ndarray, out_3HW: np.ndarray, flip: bool = False) -> None:
     """Raw planar RGB pixels stored by ``pack --raw`` (``[3, H, W]``): a copy after a size check."""
     if buf.size != out_3HW.size:
         raise DecodeError(f"raw sample of {buf.size} bytes, expected {out_3HW.size} "
                           f"({'x'.join(map(str, out_3HW.shape))})")
-    np.copyto(out_3HW, buf.reshape(out_3HW.shape))
+    src = buf.reshape(out_3HW.shape)
+    np.copyto(out_3HW, src[:, :, ::-1] if flip else src)
 
 
 def require_nvjpeg():

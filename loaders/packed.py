@@ -15,8 +15,10 @@ The measurements behind that choice (threads vs processes, 2 and 16 cores) are i
 Overlap: ``workers + batches_ahead`` batches are in flight: every worker has a batch to decode
 while ``batches_ahead`` finished ones wait. On CUDA each finished slot is copied to the GPU on a
 side stream (``non_blocking`` from the page-locked ring) and the slot is handed to a worker again
-only after that copy's event completed; on the CPU the same code runs without the stream. Flip
-and normalisation happen on the device (``base.to_device_normalized``), in the training stream.
+only after that copy's event completed; on the CPU the same code runs without the stream. The
+decoder mirrors a sample while copying it out (~2 us, in the worker); the normalisation happens
+on the device (``base.to_device_normalized``), in the training stream. (Mirroring there instead
+costs ~20 us/image on a CPU device, three times the normalisation, in the training process.)
 
 ``loader.decoder: nvjpeg`` (CUDA + torchvision): the training process gathers zero-copy views
 of the batch's JPEG bytes and nvJPEG decodes the whole batch in one call, on the side stream.
@@ -42,8 +44,9 @@ from .workers import SharedRing, WorkerPool
 
 
 class PackedBatchFiller:
-    """``fill(indices, images_b3HW, labels_b) -> skipped``: decode one batch of a packed file into
-    preallocated rows, applying ``loader.on_corrupt``. Runs in a worker process or inline."""
+    """``fill(indices, flips, images_b3HW, labels_b) -> skipped``: decode one batch of a packed
+    file into preallocated rows, mirrored where ``flips``, applying ``loader.on_corrupt`` (a
+    replacement sample takes the flip of the position it fills). Runs in a worker or inline."""
 
     def __init__(self, file: PackedFile, decoder: str, on_corrupt: str):
         self.file, self.on_corrupt, self.source = file, on_corrupt, str(file.path)
@@ -54,24 +57,24 @@ class PackedBatchFiller:
     def key_of(self, j: int) -> int:
         return int(self.keys[j])
 
-    def decode_at(self, j: int, out_3HW: np.ndarray) -> None:
+    def decode_at(self, j: int, out_3HW: np.ndarray, flip: bool = False) -> None:
         buf = self.file.sample(j)
         if self.fmt[j] == FMT_RAW:
-            decode_raw(buf, out_3HW)
+            decode_raw(buf, out_3HW, flip)
         else:
-            self.decode_jpeg(buf, out_3HW)
+            self.decode_jpeg(buf, out_3HW, flip)
 
-    def __call__(self, indices: np.ndarray, images_b3HW: np.ndarray,
+    def __call__(self, indices: np.ndarray, flips: np.ndarray, images_b3HW: np.ndarray,
                  labels_b: np.ndarray) -> List[Skipped]:
         skipped: List[Skipped] = []
         n = self.file.num_samples
-        for k, i in enumerate(indices.tolist()):
+        for k, (i, f) in enumerate(zip(indices.tolist(), flips.tolist())):
             out = images_b3HW[k]
             try:
-                self.decode_at(i, out)
+                self.decode_at(i, out, f)
                 used = i
             except CORRUPT:  # rare path: policy + replacement
-                used, sk = decode_or_replace(i, n, lambda j, out=out: self.decode_at(j, out),
+                used, sk = decode_or_replace(i, n, lambda j, o=out, f=f: self.decode_at(j, o, f),
                                              self.key_of, self.on_corrupt, self.source)
                 skipped += sk
             labels_b[k] = self.labels[used]
@@ -137,33 +140,32 @@ class PackedLoader(BaseLoader):
     def _submit(self, plan, step: int) -> None:
         slot = step % self._ring.shape[0]
         self._free_slot(slot)
-        self._pool.submit(step, slot, plan.batch(step)[0])
+        self._pool.submit(step, slot, *plan.batch(step))
 
     def _decode_inline(self, plan, step: int) -> int:
         slot = step % self._ring.shape[0]
         self._free_slot(slot)
-        self.corrupt.record(self.fill(plan.batch(step)[0], self._ring.np_images[slot],
+        self.corrupt.record(self.fill(*plan.batch(step), self._ring.np_images[slot],
                                       self._ring.np_labels[slot]))
         return slot
 
     # ------------------------------------------------------------------ device side
-    def _to_device(self, slot: int, flips_b: Optional[np.ndarray]):
+    def _to_device(self, slot: int):
+        """The slot's batch (already mirrored by the decoder) normalised on the device."""
         images_u8, labels = self._ring.images[slot], self._ring.labels[slot]
-        flips = torch.from_numpy(flips_b) if flips_b is not None else None
         if self._copy_stream is None:
-            return (to_device_normalized(images_u8, flips, self.mean, self.std, self.device),
+            return (to_device_normalized(images_u8, None, self.mean, self.std, self.device),
                     labels.clone())
         with torch.cuda.stream(self._copy_stream):
             u8 = images_u8.to(self.device, non_blocking=True)
             lab = labels.to(self.device, non_blocking=True)
-            f = flips.to(self.device, non_blocking=True) if flips is not None else None
             ev = self._events[slot] = self._events[slot] or torch.cuda.Event()
             ev.record(self._copy_stream)
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self._copy_stream)  # device-side wait: no host sync
-        for t in (u8, lab) + ((f,) if f is not None else ()):
+        for t in (u8, lab):
             t.record_stream(current)  # allocated on the side stream, used on the current one
-        return to_device_normalized(u8, f, self.mean, self.std, self.device), lab
+        return to_device_normalized(u8, None, self.mean, self.std, self.device), lab
 
     def _nvjpeg_batch(self, indices: np.ndarray, flips_b: Optional[np.ndarray]):
         s = self.image_size
@@ -215,8 +217,7 @@ class PackedLoader(BaseLoader):
             return
         if not self.workers:
             for s in range(steps):
-                slot = self._decode_inline(plan, s)
-                yield self._to_device(slot, plan.batch(s)[1] if self.train else None)
+                yield self._to_device(self._decode_inline(plan, s))
             return
         if self._pool is not None and self._pool.broken:
             self._pool.close()
@@ -231,8 +232,7 @@ class PackedLoader(BaseLoader):
             for s in range(steps):
                 # Re-raises a worker's exception (CorruptSampleError names file and key) here.
                 self.corrupt.record(self._pool.result(s))
-                out = self._to_device(s % self._ring.shape[0],
-                                      plan.batch(s)[1] if self.train else None)
+                out = self._to_device(s % self._ring.shape[0])
                 if submitted < steps:
                     self._submit(plan, submitted)  # into batch s-1's slot (see __init__)
                     submitted += 1

@@ -115,9 +115,9 @@ def _worker_main(conn, fill: Callable, ring: SharedRing, parent_pid: int) -> Non
             return
         if msg is None:
             return
-        step, slot, indices = msg
+        step, slot, args = msg
         try:
-            skipped = fill(indices, ring.np_images[slot], ring.np_labels[slot])
+            skipped = fill(*args, ring.np_images[slot], ring.np_labels[slot])
             conn.send((step, None, skipped))
         except Exception as e:  # sent to the training process, which raises it
             conn.send((step, _sendable(e), []))
@@ -131,8 +131,9 @@ def _sendable(e: Exception) -> Tuple[bool, str]:
 
 
 class WorkerPool:
-    """``workers`` forked processes filling slots of ``ring`` with ``fill(indices, images_b3HW,
-    labels_b) -> skipped`` (a picklable-free closure is fine: the workers are forked)."""
+    """``workers`` forked processes filling slots of ``ring`` with ``fill(*args, images_b3HW,
+    labels_b) -> skipped`` (any callable: the workers are forked, nothing is pickled but
+    ``args``)."""
 
     def __init__(self, workers: int, fill: Callable, ring: SharedRing, name: str):
         ctx = mp.get_context("fork")
@@ -154,10 +155,10 @@ class WorkerPool:
         self._finalizer = multiprocessing.util.Finalize(self, _shutdown, args=(self.procs, self.conns),
                                            exitpriority=10)
 
-    def submit(self, step: int, slot: int, indices: np.ndarray) -> None:
+    def submit(self, step: int, slot: int, *args) -> None:
         k = step % len(self.procs)
         try:
-            self.conns[k].send((step, slot, indices))
+            self.conns[k].send((step, slot, args))
         except OSError:  # broken pipe: the worker is gone
             raise self._died(k, step) from None
         self.pending[k].append(step)
