@@ -9,18 +9,24 @@
    ``demo: held-out verification accuracy 0.xxxx``.
 
 The dataset sizes are options here (they are not training config); ``key=value`` arguments
-override the demo config. The run folder ``train.output_dir/train.name`` is recreated; the data
-folder is reused when its parameters match.
+override the demo config. The run folder ``train.output_dir/train.name`` is recreated (the demo
+sets ``train.overwrite=true``; only files training writes are deleted); the data folder is
+reused when its parameters match.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from unpg.config import load_config
+from unpg.data.synthetic import VAL_BIN, ensure_dataset
+from unpg.distributed import teardown_distributed
+from unpg.runtime import tune_cpu_allocator
+from unpg.trainer import Trainer
 
 __all__ = ["main"]
 
@@ -57,12 +63,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
-    from unpg.config import load_config
-    from unpg.data.synthetic import VAL_BIN, ensure_dataset
-    from unpg.distributed import teardown_distributed
-    from unpg.runtime import tune_cpu_allocator
-    from unpg.trainer import Trainer
-
     tune_cpu_allocator()
 
     t0 = time.perf_counter()
@@ -75,18 +75,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     val_bin = str(data_dir / VAL_BIN)
     # Verify on the held-out pairs once, at the end of training.
     cfg.eval.bins, cfg.eval.every = [val_bin], 10**9
+    cfg.train.overwrite = True  # a fresh demo run each time
     cfg.validate()
     run_dir = Path(cfg.train.output_dir) / cfg.train.name
     if run_dir.resolve() == data_dir.resolve() or data_dir.resolve() in run_dir.resolve().parents:
         raise ValueError(f"train.output_dir/train.name={run_dir} must not contain data.rec")
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh demo run each time
 
     t1 = time.perf_counter()
+    trainer = Trainer(cfg)
     try:
-        trainer = Trainer(cfg).setup()
-        result = trainer.train()
+        result = trainer.setup().train()
     finally:
+        trainer.close()  # the loader's worker processes
         teardown_distributed()
     t_train = time.perf_counter() - t1
     res = result["eval"]["results"][Path(val_bin).stem]

@@ -27,6 +27,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import traceback  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
 
 from unpg.config import load_config  # noqa: E402
@@ -123,11 +124,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 3
         except CorruptSampleError as exc:  # loader.on_corrupt=error met a corrupt sample
             print(f"error: {_one_line(exc)}", file=sys.stderr)
+            # The traceback's frames hold the loader's iterator in a reference cycle (torch
+            # re-raises a worker's error from a local variable); cleared, trainer.close() frees
+            # the iterator at once and its workers get their shutdown message.
+            traceback.clear_frames(exc.__traceback__)
+            exc.__traceback__ = None
             return 2
         log.info("finished: %s at step %d, checkpoint %s", result["reason"],
                  result["global_step"], result["checkpoint"])
         return 0
     finally:
+        if trainer is not None:
+            trainer.close()  # loader workers first: they ignore SIGTERM, so exit cannot kill them
         trainer = None  # release DDP and its process groups before they are destroyed
         teardown_distributed()
 

@@ -254,6 +254,16 @@ class Trainer:
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "eval": self.last_eval}
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now. They ignore SIGTERM (a signal to the process
+        group is for this process), so the interpreter's exit could not terminate them."""
+        loader, self.loader = self.loader, None
+        if loader is not None and hasattr(loader, "close"):
+            loader.close()
+        # The last reference (no cycle: a DataLoader iterator collected by the cyclic GC has
+        # its queues finalized first and its workers never hear the shutdown).
+        del loader
+
     def _save_before_data_error(self) -> None:
         """Keep the steps done before a corrupt sample stopped the run (one process only: the
         other ranks of a distributed run would wait in the save's collectives for this one)."""

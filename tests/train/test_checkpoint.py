@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unpg import checkpoint as ck
+from unpg.train import main
 
 
 class Unpicklable:
@@ -87,3 +88,17 @@ def test_best_checkpoint_follows_verification_accuracy(memory_run, tiny_rec, tmp
     best = best["train_state"]
     assert best["global_step"] == best_step and best["best_score"] == pytest.approx(best_acc)
     assert 0.0 <= best_acc <= 1.0
+
+
+def test_iresnet_run_resumes(fixtures_dir, tmp_path, capsys):
+    """iresnet keeps a frozen tensor (``features.weight``): the optimizer holds one tensor less
+    than the backbone's state, which a resume must not mistake for another architecture."""
+    common = [f"data.rec={fixtures_dir / 'ms1m_tiny'}", "model.name=iresnet18",
+              "model.embedding_size=32", "train.batch_size=4", "loader.workers=0",
+              "train.amp=none", "train.device=cpu", "eval.every=0", "train.log_every=1",
+              f"train.output_dir={tmp_path}", "train.name=r18"]
+    assert main(common + ["train.max_steps=1"]) == 0
+    assert main(common + ["train.max_steps=2", "--resume"]) == 0, capsys.readouterr().err
+    saved = ck.load_checkpoint(tmp_path / "r18" / "ckpt_000000002.pt")
+    assert saved["train_state"]["global_step"] == 2
+    assert "features.weight" in saved["backbone"]  # the frozen tensor is saved and restored

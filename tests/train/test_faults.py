@@ -1,10 +1,22 @@
 """Faults: a non-finite loss skips its update; too many in a row stop the run with a message
-naming the step and the last good checkpoint; bad configs and data stop before training."""
+naming the step and the last good checkpoint; bad configs and data stop before training; a
+corrupt sample under ``loader.on_corrupt=error`` ends the run with one error line, exit 2."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from unpg import checkpoint as ck
 from unpg.distributed import DistContext
+from unpg.recordio import IndexedRecordIO, unpack
 from unpg.trainer import NonFiniteLossError, Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+BAD_KEY = 9  # an image record of the tiny rec (key 0 is the header)
 
 
 class PoisonedLoader:
@@ -117,3 +129,35 @@ def test_world_size_and_file_checks(helpers, tmp_path):
         t.check_config()
     with pytest.raises(ValueError, match="train.amp=fp16 needs CUDA"):
         Trainer(helpers["tiny_config"](tmp_path, "train.amp=fp16")).setup_distributed()
+
+
+def test_corrupt_sample_under_on_corrupt_error_is_one_error_line_and_exit_2(tiny_rec, tmp_path):
+    """A training run meets a record whose JPEG is destroyed: one ``error:`` line naming the
+    record and the fix, exit code 2, no traceback; the steps done before it are saved."""
+    rec = tmp_path / "rec"
+    shutil.copytree(tiny_rec, rec)
+    offsets = dict(map(int, line.split("\t")) for line in (rec / "train.idx").read_text().split("\n")
+                   if line.strip())
+    offset = offsets[BAD_KEY]
+    with IndexedRecordIO(str(rec / "train.idx"), str(rec / "train.rec"), "r") as r:
+        record = r.read_idx(BAD_KEY)
+    _, jpeg = unpack(record)
+    start = offset + 8 + len(record) - len(jpeg)  # after magic, length and the IRHeader
+    with open(rec / "train.rec", "r+b") as f:
+        f.seek(start)
+        f.write(bytes(64))  # no SOI marker, no header: undecodable by any decoder
+    cmd = [sys.executable, "-m", "unpg.train", f"data.rec={rec}", "loader.on_corrupt=error",
+           "loader.workers=1", "model.name=mobilefacenet_s", "model.embedding_size=32",
+           "train.batch_size=8", "train.amp=none", "train.device=cpu", "eval.every=0",
+           "train.log_every=1", f"train.output_dir={tmp_path}", "train.name=bad"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    err_lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: "), done.stderr[-3000:]
+    assert f"record key {BAD_KEY}" in err_lines[0] and "loader.on_corrupt=skip" in err_lines[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    latest = ck.latest_checkpoint(tmp_path / "bad")
+    trained = len((tmp_path / "bad" / "metrics.jsonl").read_text().splitlines())
+    if trained:  # the bad sample was not in the first batch: those steps are kept
+        assert ck.load_checkpoint(latest)["train_state"]["global_step"] == trained
