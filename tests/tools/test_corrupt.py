@@ -9,9 +9,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from unpg.loaders.packed_format import PackedFile
-from unpg.recordio import FaceRecIndex, FaceRecWriter, parse_idx
+
+from unpg.recordio import FaceRecIndex, FaceRecWriter, IndexedRecordIO, IRHeader, pack, parse_idx
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES, PER_CLASS = 3, 3
@@ -137,3 +137,27 @@ def test_repair_rebuilds_a_rec_whose_layout_records_are_damaged(tmp_path, damage
     with FaceRecIndex.open(out) as index:
         assert [index.read_image(i) for i in range(len(index))] == images
         assert index.num_classes == CLASSES
+
+
+def test_image_only_rec_damaged_record_is_dropped_or_stops_the_tools(tmp_path):
+    d = tmp_path / "plain"
+    d.mkdir()
+    with IndexedRecordIO(d / "train.idx", d / "train.rec", "w") as w:  # no header records
+        for k in range(6):
+            w.write_idx(k, pack(IRHeader(0, float(k // 2), k, 0), _jpeg(k)))
+    keys, offsets = parse_idx((d / "train.idx").read_bytes())
+    offset = int(offsets[3])
+    with open(d / "train.rec", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x00\x11\x22\x33")
+    res = run("unpg.tools.pack", "--rec", d, "--out", tmp_path / "a.unpgpack")
+    assert res.returncode == 2 and "key 3" in res.stderr and f"byte offset {offset}" in res.stderr
+    res = run("unpg.tools.pack", "--rec", d, "--out", tmp_path / "b.unpgpack", "--on-corrupt", "skip")
+    assert res.returncode == 0, res.stderr
+    with PackedFile(tmp_path / "b.unpgpack") as f:
+        assert len(f) == 5
+    assert run("unpg.tools.prepare_dali", "--rec", d, "--out", tmp_path / "dali").returncode == 0
+    m = json.loads((tmp_path / "dali" / "dali_manifest.json").read_text())
+    assert [s["key"] for s in m["skipped"]] == [3] and m["num_images"] == 5
+    res = run("unpg.tools.inspect", "--rec", d, "--verify", "--no-progress")
+    assert res.returncode == 1 and "key 3" in res.stdout and f"byte offset {offset}" in res.stdout

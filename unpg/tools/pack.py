@@ -80,6 +80,15 @@ def pack_rec(rec_dir, out, *, page_size: int = DEFAULT_PAGE_SIZE, raw: bool = Fa
         hw = tuple(src.image_size) if src.image_size else (112, 112)
         shape = (3, hw[0], hw[1])
         unreadable, dropped = [], []
+        # Damaged records an image-only rec left out when it was opened (their label is unknown).
+        for key, offset, reason in src.damaged:
+            if not np.isin(key, src.image_keys):
+                if on_corrupt == "error":
+                    raise ValueError(f"{src.rec.rec_path}: record key {key} at byte offset {offset} is "
+                                     f"damaged: {reason}; use --on-corrupt skip to drop it, or repair "
+                                     f"the rec with python -m unpg.tools.inspect --repair")
+                log.warning("dropping damaged record key %d (byte offset %d): %s", key, offset, reason)
+                dropped.append(int(key))
         with PackedWriter(out, len(src), hw, page_size=page_size) as w:
             for i in tqdm(range(len(src)), desc="pack", unit="img", disable=not progress):
                 key = int(src.image_keys[i])

@@ -100,6 +100,13 @@ def prepare_dali(rec_dir, out_dir, *, shards: int = 1, seed: int = 0, verify: bo
         image_size = tuple(src.image_size) if src.image_size else (112, 112)
         order = shuffle_order(n, seed)
         bad = _verify(src, order, image_size, workers, on_corrupt, progress) if verify else []
+        # Damaged records an image-only rec left out when it was opened: listed as skipped too.
+        for key, offset, reason in src.damaged:
+            if not np.isin(key, src.image_keys):
+                if on_corrupt == "error":
+                    raise ValueError(f"{src.rec.rec_path}: record key {key} at byte offset {offset} "
+                                     f"is damaged: {reason}; repair the rec or use --on-corrupt skip")
+                bad.append({"key": int(key), "reason": f"damaged record at byte offset {offset}: {reason}"})
         bad_keys = {b["key"] for b in bad}
         keep = order[~np.isin(src.image_keys[order], list(bad_keys))] if bad_keys else order
         if shards > keep.size:
