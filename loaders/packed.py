@@ -111,8 +111,8 @@ class PackedLoader(BaseLoader):
         # One slot more than in flight: batch s + in_flight goes into the slot of batch s - 1,
         # whose device copy was queued a whole training step ago (inline: two slots alike).
         slots = self.in_flight + 1
-        self._ring = None if self._nvjpeg else SharedRing(slots, self.batch_size, (s, s),
-                                                          pin=cuda and opts.pin_memory)
+        self._ring = None if self._nvjpeg else SharedRing(slots, self.batch_size, (s, s))
+        self._pin = cuda and opts.pin_memory
         self._events: List[Optional[torch.cuda.Event]] = [None] * slots
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._pool: Optional[WorkerPool] = None  # forked at the first iteration, then reused
@@ -216,6 +216,8 @@ class PackedLoader(BaseLoader):
                 yield self._nvjpeg_batch(indices, flips if self.train else None)
             return
         if not self.workers:
+            if self._pin:
+                self._ring.pin()
             for s in range(steps):
                 yield self._to_device(self._decode_inline(plan, s))
             return
@@ -223,7 +225,13 @@ class PackedLoader(BaseLoader):
             self._pool.close()
             self._pool = None
         if self._pool is None:
+            for ev in self._events:  # no copy may still read the ring when it is unlocked
+                if ev is not None:
+                    ev.synchronize()
+            self._ring.unpin()  # a page-locked ring would not be mapped in the new workers
             self._pool = WorkerPool(self.workers, self.fill, self._ring, "unpg-packed")
+        if self._pin:
+            self._ring.pin()
         submitted = 0
         try:
             while submitted < min(self.in_flight, steps):

@@ -13,8 +13,8 @@ Layout: ``SharedRing`` is one anonymous shared mapping (``MAP_SHARED | MAP_ANONY
 ``slots`` uint8 ``[b, 3, H, W]`` image batches and int64 ``[b]`` label rows. It is created before
 the workers are forked, so every worker writes into the same physical pages the training
 process reads (no copy, no names in /dev/shm, nothing left behind even after ``kill -9``). On CUDA
-the mapping is page-locked with ``cudaHostRegister``, so the host-to-device copy is a real
-asynchronous DMA from the very pages the workers wrote.
+the mapping is page-locked with ``cudaHostRegister`` (after the fork: see ``SharedRing.pin``), so
+the host-to-device copy is a real asynchronous DMA from the very pages the workers wrote.
 
 Each worker owns one duplex pipe; batch ``s`` goes to worker ``s % workers``, so its results come
 back in order on its pipe. Workers ignore SIGTERM and SIGINT (a signal to the whole process
@@ -76,7 +76,7 @@ class SharedRing:
     """``slots`` image batches uint8 ``[b, 3, H, W]`` and label rows int64 ``[b]`` in one shared
     anonymous mapping (see module doc); ``images[k]``/``labels[k]`` are torch views of slot ``k``."""
 
-    def __init__(self, slots: int, batch: int, hw: Tuple[int, int], pin: bool):
+    def __init__(self, slots: int, batch: int, hw: Tuple[int, int]):
         self.shape = (slots, batch, 3, hw[0], hw[1])
         img_bytes = int(np.prod(self.shape))
         lab_off = -(-img_bytes // 64) * 64
@@ -87,18 +87,26 @@ class SharedRing:
         self.images = torch.from_numpy(self.np_images)
         self.labels = torch.from_numpy(self.np_labels)
         self.pinned = False
-        if pin:
-            cudart = torch.cuda.cudart()
-            err = cudart.cudaHostRegister(self.images.data_ptr(), self.nbytes, 0)
-            self.pinned = int(err) == 0
-            if not self.pinned:  # still correct: the copy is then a synchronous pageable copy
-                log.warning("cudaHostRegister of the %d-byte loader ring failed (%s); host-to-"
-                            "device copies will not overlap", self.nbytes, err)
 
-    def close(self) -> None:
+    def pin(self) -> None:
+        """Page-lock the ring for asynchronous copies. Call it only after forking the workers:
+        the CUDA driver may mark page-locked ranges MADV_DONTFORK, so a process forked later
+        would not have the ring mapped at all."""
+        if self.pinned:
+            return
+        err = torch.cuda.cudart().cudaHostRegister(self.images.data_ptr(), self.nbytes, 0)
+        self.pinned = int(err) == 0
+        if not self.pinned:  # still correct: the copies are then synchronous pageable copies
+            log.warning("cudaHostRegister of the %d-byte loader ring failed (%s); host-to-device "
+                        "copies will not overlap", self.nbytes, err)
+
+    def unpin(self) -> None:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.images.data_ptr())
             self.pinned = False
+
+    def close(self) -> None:
+        self.unpin()
 
 
 def _worker_main(conn, fill: Callable, ring: SharedRing, parent_pid: int) -> None:
