@@ -74,10 +74,10 @@ EVAL_FLIP = "none"  # one forward pass per image: evaluation stays a small part 
 
 # Data and run-list presets. Full: 400 identities x 10 images (few images each, as face data),
 # nuisance 1.5 (pose, light, blur, noise, occluders; the hard bin at 2.25) and JPEG quality 75,
-# 3 epochs of batch 128 (93 steps): baselines land well below saturation.
+# 2 epochs of batch 128 (62 steps): baselines land well below saturation.
 PRESETS = {
     "full": dict(identities=400, images_per_identity=10, val_identities=60, val_pairs=6000,
-                 nuisance=1.5, quality=75, data_seed=0, epochs=3,
+                 nuisance=1.5, quality=75, data_seed=0, epochs=2,
                  heads=list(HEADS), variants=list(VARIANTS), seeds=[0, 1, 2]),
     "quick": dict(identities=100, images_per_identity=10, val_identities=30, val_pairs=2000,
                   nuisance=1.5, quality=75, data_seed=0, epochs=2,
