@@ -58,7 +58,8 @@ class LoaderConfig(Section):
     _section = "loader"
     name: Literal["torch", "ffcv", "dali"] = "torch"
     workers: int = field_(4, ge=0)  # decode processes (torch, ffcv), DALI threads; 0: inline
-    batches_ahead: int = field_(2, ge=1)  # finished batches kept ready beyond those being decoded
+    # ffcv: ready batches beyond the `workers` being decoded; torch: per worker; dali: queue depth
+    batches_ahead: int = field_(2, ge=1)
     order: Literal["random", "quasi_random"] = "random"
     # simplejpeg: strict (damaged entropy data counts as corrupt); cv2: lenient; nvjpeg: GPU batches
     decoder: Literal["cv2", "simplejpeg", "nvjpeg"] = "simplejpeg"
