@@ -188,3 +188,17 @@ def test_staged_output_dir_replaces_only_its_own_output(tmp_path):
         (tmp / "c.txt").write_text("3")
     assert sorted(_names(out)) == sorted(["c.txt", MANIFEST]) and manifest_tool(out) == "toolB"
     assert _names(tmp_path) == ["out"]
+
+
+def test_an_output_that_holds_the_input_is_refused_even_with_force(tmp_path):
+    src = tmp_path / "data" / "rec"
+    src.mkdir(parents=True)
+    (src / "train.rec").write_bytes(b"x")
+    for out in (src, tmp_path / "data"):
+        with pytest.raises(OutputError, match="is or contains the input"):
+            claim_output_dir(out, "toolA", force=True, sources=[src])
+        with pytest.raises(OutputError, match="is or contains the input"):
+            with staged_output_dir(out, "toolA", force=True, sources=[src]):
+                pass
+    assert (src / "train.rec").read_bytes() == b"x"
+    claim_output_dir(tmp_path / "elsewhere", "toolA", sources=[src])  # a sibling is fine

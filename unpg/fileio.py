@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional, Union
+from typing import IO, Any, Callable, Iterator, Optional, Sequence, Union
 
 __all__ = ["MANIFEST", "OutputError", "atomic_write", "atomic_write_bytes", "atomic_write_json",
            "atomic_write_text", "check_writable_dir", "claim_output_dir", "claim_output_file",
@@ -171,17 +171,29 @@ def _nonempty(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
+def _check_not_source(out: Path, sources: Sequence[PathLike], option: str) -> None:
+    """Replacing ``out`` must never delete the input: refuse an ``out`` that is, or holds, a source."""
+    target = out.resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if s == target or target in s.parents:
+            raise OutputError(f"{option} {out} is or contains the input {src}; write elsewhere")
+
+
 def claim_output_dir(out: PathLike, tool: str, *, force: bool = False, option: str = "--out",
                      clear: bool = True, mark: bool = True,
-                     ours: Callable[[Path], bool] = lambda p: False) -> Path:
+                     ours: Callable[[Path], bool] = lambda p: False,
+                     sources: Sequence[PathLike] = ()) -> Path:
     """Make ``out`` ``tool``'s output folder, before any work is done.
 
     An absent or empty folder, or one whose manifest names ``tool`` (or for which ``ours(out)``
     is true, for folders written before manifests existed), is taken as it is: the tool resumes
     or overwrites its own output. Any other non-empty folder is refused with an ``OutputError``
     unless ``force``; then its contents are removed first when ``clear``. The folder is created,
-    proven writable and (when ``mark``) gets the manifest. Returns ``out`` as a ``Path``."""
+    proven writable and (when ``mark``) gets the manifest. An ``out`` that is or holds one of the
+    ``sources`` (the tool's inputs) is always refused. Returns ``out`` as a ``Path``."""
     out = Path(out)
+    _check_not_source(out, sources, option)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {out} is a file, not a folder; choose a folder")
     if _nonempty(out) and manifest_tool(out) != tool and not ours(out):
@@ -219,14 +231,16 @@ def claim_output_file(out: PathLike, what: Optional[str] = None, *, force: bool 
 
 
 @contextlib.contextmanager
-def staged_output_dir(out: PathLike, tool: str, *, force: bool = False,
-                      option: str = "--out") -> Iterator[Path]:
+def staged_output_dir(out: PathLike, tool: str, *, force: bool = False, option: str = "--out",
+                      sources: Sequence[PathLike] = ()) -> Iterator[Path]:
     """Yield a fresh sibling folder ``OUT.tmp-<random>`` holding ``tool``'s manifest; on success
     it replaces ``out``, on any exception it is deleted, so ``out`` never holds a partial result.
 
     ``out`` may be absent, empty, ``tool``'s own earlier output, or anything with ``force``
-    (checked before any work: ``OutputError`` otherwise, or if its parent is not writable)."""
+    (checked before any work: ``OutputError`` otherwise, or if its parent is not writable, or if
+    ``out`` is or holds one of the ``sources``)."""
     out = Path(out)
+    _check_not_source(out, sources, option)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {out} is a file, not a folder; choose a folder")
     if _nonempty(out) and manifest_tool(out) != tool and not force:

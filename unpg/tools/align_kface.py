@@ -143,7 +143,7 @@ def align_kface_tree(
     groups = iter_kface_groups(src_root) if groups is None else list(groups)
     if not groups:
         raise ValueError(f"--src {src_root} holds no K-FACE images (expected ID/S001/L1/E01/C1.jpg)")
-    claim_dst(dst_root, force)
+    claim_dst(dst_root, force, src_root)
     summary = AlignSummary()
     total = sum(len(g.members) for g in groups)
     bar = tqdm(total=total, unit="img", desc="align K-FACE", disable=not progress)
@@ -190,11 +190,12 @@ def align_kface_tree(
     return summary
 
 
-def claim_dst(dst: os.PathLike, force: bool = False) -> Path:
+def claim_dst(dst: os.PathLike, force: bool = False, src: Optional[os.PathLike] = None) -> Path:
     """Make ``dst`` align_kface's output (see the module doc); ``OutputError`` otherwise."""
     # A folder with failed.txt was written by align_kface before folders carried a manifest.
     return claim_output_dir(dst, "align_kface", force=force, option="--dst",
-                            ours=lambda p: (p / "failed.txt").is_file())
+                            ours=lambda p: (p / "failed.txt").is_file(),
+                            sources=[src] if src is not None else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if not Path(args.src).is_dir():
             raise FileNotFoundError(f"--src {args.src} is not a folder (expected the K-FACE root)")
-        claim_dst(args.dst, args.force)  # before loading the detector: fail fast
+        claim_dst(args.dst, args.force, args.src)  # before loading the detector: fail fast
         detector = RetinaFaceDetector(args.detector_weights, device=args.device,
                                     conf_threshold=args.conf_threshold, max_size=args.max_size)
         summary = align_kface_tree(args.src, args.dst, detector, template=args.template,

@@ -238,7 +238,8 @@ def images_to_rec(items: Sequence[Tuple[Path, int]], class_names: Sequence[str],
     if any(b[1] < a[1] for a, b in zip(items, items[1:])):
         raise ValueError("images_to_rec: items must be sorted by class index")
     s = Image2RecSummary()
-    with staged_output_dir(out, "image2rec", force=force) as tmp:
+    folders = sorted({str(Path(path).parent) for path, _ in items})  # replacing out must not delete them
+    with staged_output_dir(out, "image2rec", force=force, sources=folders) as tmp:
         writer = FaceRecWriter(tmp, (size, size))
         results = _ordered_map(lambda it: _load(it[0], size, quality), items, workers)
         try:

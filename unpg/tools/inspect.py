@@ -186,7 +186,8 @@ def repair_rec(rec_dir: os.PathLike | str, out: os.PathLike | str, *, workers: i
         n = len(index)
         counts = np.bincount(index.labels, minlength=index.num_classes)
         picks = np.arange(n)
-        with staged_output_dir(out, "inspect --repair", force=force, option="--repair") as tmp:
+        with staged_output_dir(out, "inspect --repair", force=force, option="--repair",
+                               sources=[rec_dir]) as tmp:
             sizes, kinds, corrupt, bad = _scan(index, picks, True, workers, progress)
             keep = np.ones(n, bool)
             keep[bad] = False

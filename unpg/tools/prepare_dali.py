@@ -95,7 +95,8 @@ def prepare_dali(rec_dir, out_dir, *, shards: int = 1, seed: int = 0, verify: bo
     src = FaceRecIndex.open(rec_dir)
     try:
         # Checked before the long verification pass, not after it.
-        claim_output_dir(out, "prepare_dali", force=force, mark=False, ours=_dali_folder)
+        claim_output_dir(out, "prepare_dali", force=force, mark=False, ours=_dali_folder,
+                         sources=[rec_dir])
         n = len(src)
         image_size = tuple(src.image_size) if src.image_size else (112, 112)
         order = shuffle_order(n, seed)

@@ -90,7 +90,7 @@ def rec_to_images(rec_dir: os.PathLike | str, out: os.PathLike | str, *, limit: 
         labels = np.asarray(index.labels[:n], dtype=np.int64)
         class_name, width_i = _names(index, labels, naming)
         seen = np.zeros(index.num_classes, np.int64)  # images written so far per class
-        with staged_output_dir(out, "rec2image", force=force) as tmp:
+        with staged_output_dir(out, "rec2image", force=force, sources=[rec_dir]) as tmp:
             made, lst = set(), []
             for i in tqdm(range(n), total=n, unit="img", desc="rec2image", disable=not progress):
                 label, data = index.read_image(i)
