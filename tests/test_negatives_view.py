@@ -66,6 +66,15 @@ def test_histogram_counts_every_negative_kept_or_not_and_edges():
     assert len(hist_edges()) == HIST_BINS + 1 and hist_edges()[0] == -1.0
 
 
+def test_histogram_of_a_non_finite_batch_counts_only_finite_pairs():
+    emb, labels = batch(B=12, seed=2)
+    emb[3] = float("nan")  # a diverged sample: its pairs are NaN, the rest still counted
+    _, stats = unpg_logsumexp(F.normalize(emb), labels, 32.0, 1.5)
+    keep = torch.arange(12) != 3
+    ref = numpy_negative_hist(emb[keep], labels[keep])
+    np.testing.assert_array_equal(stats["neg_hist"].numpy(), ref)
+
+
 def test_meter_sums_histogram_over_window_and_sink_logs_it(tmp_path):
     """A known batch through the loss, the window meter and the sink: metrics.jsonl and the
     TensorBoard histogram hold the independent counts (two steps: twice the counts)."""

@@ -72,15 +72,18 @@ def negative_histogram(sim_P: torch.Tensor, neg_P: torch.Tensor, bins: int = HIS
     """Counts (int64 ``[bins]``) of ``sim_P[neg_P]`` in equal bins over ``[-1, 1]``.
 
     Bins are half-open ``[a, b)`` except the last, ``[a, 1]``, as ``numpy.histogram``; values a
-    rounding error outside ``[-1, 1]`` land in the end bins. Sync-free: every pair is added
-    with weight 0 or 1 instead of selecting the negatives.
+    rounding error outside ``[-1, 1]`` land in the end bins; NaN similarities (a non-finite
+    step, which training skips) are not counted. Sync-free: every pair is added with weight 0
+    or 1 instead of selecting the negatives.
     """
     lo, hi = HIST_RANGE
     sim_P = sim_P.detach().to(torch.promote_types(sim_P.dtype, torch.float32))
-    scaled_P = (sim_P - lo) * (bins / (hi - lo))
+    # NaN would cast to an out-of-range index: park it in bin 0 with weight 0.
+    scaled_P = torch.nan_to_num((sim_P - lo) * (bins / (hi - lo)), nan=0.0)
     bin_P = scaled_P.floor().clamp_(0, bins - 1).to(torch.int64)
+    weight_P = (neg_P & ~torch.isnan(sim_P)).to(torch.int64)
     counts = torch.zeros(bins, dtype=torch.int64, device=sim_P.device)
-    return counts.index_add_(0, bin_P, neg_P.to(torch.int64))
+    return counts.index_add_(0, bin_P, weight_P)
 
 
 def unpg_logsumexp(
