@@ -25,9 +25,13 @@ Why two passes and not one: a single pass must add either dX or dW across progra
 previous kernel did (fp32 atomics into dX replicas plus a C x D fp32 accumulator) and spent
 ~90 % of its time there. The split passes recompute the B x C products once more (5 instead of
 4 matmul-sized passes over the data) but contend on nothing. Gradient filtering (skipping
-tiles whose probabilities are all tiny, as cut-cross-entropy does) is not used: at
-initialisation the softmax over 85K-2M classes is near uniform, nothing can be skipped, and
-the skipped mass would break the accuracy rule there.
+tiles whose probabilities are all tiny, as cut-cross-entropy does) is not used: it would save
+only the two gradient dots, never the recomputed products; at initialisation the softmax over
+85K-2M classes is near uniform (every probability ~1/C, below any fixed eps, so a fixed
+threshold skips everything and breaks the accuracy rule); and here the non-target weights
+``exp(s r/|w| - ell)`` sum to one per row by construction, so only ``g_i`` (the non-target share
+of the full softmax) says what is negligible. A filter would need a per-row bound on the
+skipped mass and a GPU measurement showing it pays; neither exists yet.
 
 Interpreter (``TRITON_INTERPRET=1``): tiles are rounded to the compute precision bit-wise and
 multiplied as fp32 (bf16 ``tl.dot`` is wrong there), the dots run in ieee mode, and one fixed tile plan is used (no autotune, no libdevice, no atomics).
