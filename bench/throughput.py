@@ -410,7 +410,7 @@ def report(rates: Dict[str, float], n: int, counts: List[int]) -> None:
             row = "".join(f"{rates[f'loader/{name}/{w}']:10.0f}" if f"loader/{name}/{w}" in rates
                           else f"{'-':>10s}" for w in counts)
             gil = rates.get(f"loader/{name}/gil_load")
-            print(f"{name:8s}{row}{gil if gil is None else round(gil):>10}")
+            print(f"{name:8s}{row}" + (f"{gil:10.0f}" if gil else f"{'-':>10s}"))
     seed, ffcv = rates.get(f"loader/seed/{n}"), rates.get(f"loader/ffcv/{n}")
     ceiling = max([v for k, v in rates.items() if k.startswith("decode/") and "/pil/" not in k]
                   or [0.0])
@@ -424,10 +424,12 @@ def report(rates: Dict[str, float], n: int, counts: List[int]) -> None:
     gil = rates.get("loader/ffcv/gil_load")
     if gil and ffcv:
         print(f"gil_load costs ffcv {1 - gil / ffcv:.0%} (target <= 20%)")
-    step, fed = rates.get("train/step"), rates.get("train/fed_by_ffcv")
-    if step and fed and ffcv:
-        print(f"train/fed_by_ffcv = {fed / min(step, ffcv):.0%} of min(step, loader) "
-              f"(target >= 90%)")
+    step = rates.get("train/step")
+    for name in names:
+        fed, alone = rates.get(f"train/fed_by_{name}"), rates.get(f"loader/{name}/{n}")
+        if step and fed and alone:
+            print(f"train/fed_by_{name} = {fed / min(step, alone):.0%} of min(step, loader)"
+                  + (" (target >= 90%)" if name == "ffcv" else ""))
 
 
 if __name__ == "__main__":
