@@ -12,6 +12,8 @@ import signal
 import threading
 from typing import Any, Dict, Optional
 
+from unpg.distributed import DistContext, any_rank
+
 __all__ = ["StopSignals"]
 
 
@@ -32,6 +34,11 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+    def agreed(self, ctx: DistContext) -> bool:
+        """Whether any rank received a signal (one host-side all-reduce of a CPU flag, no
+        device sync): every rank stops after the same step and saves together."""
+        return any_rank(self.requested, ctx)
 
     @property
     def name(self) -> str:

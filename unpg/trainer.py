@@ -8,15 +8,11 @@ and checkpointing every ``train.save_every`` steps and at each epoch end. The co
 their state (``state_dict``/``load_state_dict``: this trainer's counters, backbone, classifier,
 optimizer, schedule, scaler, RNGs); ``unpg.checkpointing.CheckpointManager`` collects them.
 
-Gradient accumulation (``optim.accum_steps``) splits each rank's batch into micro-batches
-(loss / n each, DDP ``no_sync`` until the last, one optimizer and scheduler step). It equals one
-big batch for the margin-softmax part; UNPG's negatives then come from each (global)
-micro-batch, as they would for a smaller batch.
-
-Host syncs: none per step on CUDA. Loss, UNPG statistics and the finiteness flag stay on the
-device (``WindowMeter``) and are read at the logging cadence, before a checkpoint and at the
-end; a non-finite step is skipped on the device (``unpg.optim.guarded_step``). The per-step
-stop check (SIGTERM/SIGINT) is a host-side all-reduce of a CPU flag when distributed.
+One step (micro-batches, AMP, the update) is ``unpg.train_step``; verification during training
+``unpg.train_eval``. Host syncs: none per step on CUDA. Loss, UNPG statistics and the
+finiteness flag stay on the device (``WindowMeter``) and are read at the logging cadence, before
+a checkpoint and at the end. The per-step stop check (SIGTERM/SIGINT) is a host-side all-reduce
+of a CPU flag when distributed.
 
 Calling ``train_step`` on in-memory batches (benchmarks)::
 
@@ -45,13 +41,9 @@ from unpg.classifier import MarginClassifier
 from unpg.config import Config
 from unpg.distributed import (
     DistContext,
-    any_rank,
-    broadcast_float,
     setup_distributed,
 )
-from unpg.eval.bins import evaluate_bins
 from unpg.faults import NonFiniteGuard, NonFiniteLossError
-from unpg.grads import finalize_grads
 from unpg.loaders import CorruptSampleError, build_loader
 from unpg.logging_utils import MetricsSink, WindowMeter, format_progress
 from unpg.models import build_backbone
@@ -60,11 +52,12 @@ from unpg.optim import (
     OptimizerState,
     Schedule,
     build_optimizer,
-    guarded_step,
     param_groups,
     schedule_steps,
 )
 from unpg.signals import StopSignals
+from unpg.train_eval import TrainingEvaluator
+from unpg.train_step import TrainStep
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -143,11 +136,8 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} (global) must be divisible by "
                 f"world_size x optim.accum_steps = {world} x {self.accum_steps}; set "
                 f"train.batch_size to a multiple of {per_step}")
-        if cfg.eval.every > 0:
-            missing = [b for b in cfg.verification_bins if not os.path.isfile(b)]
-            if missing:
-                raise ValueError(f"verification file(s) not found: {', '.join(missing)} (from "
-                                 f"eval.bins / data.val_bins); fix the paths, or set eval.every=0")
+        self.evaluator = TrainingEvaluator(cfg.eval, cfg.verification_bins, cfg.data.normalize,
+                                           self.ctx)
         if cfg.model.weights and not os.path.isfile(cfg.model.weights):
             raise ValueError(f"model.weights={cfg.model.weights}: file not found")
         resolve_name(cfg.model.name)  # unknown backbone: ValueError listing the known ones
@@ -198,6 +188,9 @@ class Trainer:
         self.scheduler = Schedule(self.optimizer, shape, cfg.optim.lr)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
+        self.step = TrainStep(self.model, self.classifier, self.optimizer, self.scheduler,
+                              self.scaler, self.ctx, accum_steps=self.accum_steps,
+                              amp_dtype=self.amp_dtype, grad_clip=cfg.optim.grad_clip)
         # Every component owns its state; the manager only collects it (order = save order).
         self.checkpoints = CheckpointManager(self.folder, {
             "train_state": self, "backbone": self.backbone, "classifier": self.classifier,
@@ -207,13 +200,11 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         """Load the checkpoint ``RunFolder.claim`` chose for ``train.resume`` (if any)."""
-        path = self.resume_from
-        if path is not None:
-            self.checkpoints.load(path)
-            self.last_checkpoint = path
-            if self.ctx.is_main:
-                log.info("resumed from %s at step %d (epoch %d, batch %d)", path,
-                         self.global_step, self.epoch + 1, self.step_in_epoch)
+        if self.resume_from is not None:
+            self.checkpoints.load(self.resume_from)
+            self.last_checkpoint = self.resume_from
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_from,
+                     self.global_step, self.epoch + 1, self.step_in_epoch)
 
     # ========================================================================= training
     def train(self) -> Dict[str, Any]:
@@ -258,11 +249,8 @@ class Trainer:
         """Stop the loader's worker processes now. They ignore SIGTERM (a signal to the process
         group is for this process), so the interpreter's exit could not terminate them."""
         loader, self.loader = self.loader, None
-        if loader is not None and hasattr(loader, "close"):
+        if hasattr(loader, "close"):
             loader.close()
-        # The last reference (no cycle: a DataLoader iterator collected by the cyclic GC has
-        # its queues finalized first and its workers never hear the shutdown).
-        del loader
 
     def _save_before_data_error(self) -> None:
         """Keep the steps done before a corrupt sample stopped the run (one process only: the
@@ -286,7 +274,7 @@ class Trainer:
 
     def _run_epoch(self, stop_at: int) -> str:
         """The rest of the current epoch; returns a stop reason or '' at the epoch's end."""
-        with contextlib.closing(self._epoch_batches()) as batches:
+        with contextlib.closing(self.epoch_batches()) as batches:
             for images, labels in batches:
                 out = self.train_step(images, labels)
                 self.global_step += 1
@@ -304,14 +292,14 @@ class Trainer:
         self.save_checkpoint()  # epoch end
         return self._stop_reason(stop_at)
 
-    def _epoch_batches(self):
-        """This epoch's batches from the loader's reproducible order, skipping the
-        ``step_in_epoch`` already consumed (mid-epoch resume)."""
+    def epoch_batches(self):
+        """The rest of this epoch: the loader's reproducible order at position (``epoch``,
+        ``step_in_epoch``), set through its public API (``set_epoch``, and ``set_start_step``
+        where the loader has it; otherwise the consumed batches are read and dropped)."""
         self.loader.set_epoch(self.epoch)
         skip = self.step_in_epoch
-        start = getattr(self.loader, "set_start_step", None)
-        if skip and start is not None:
-            start(skip)  # the loader seeks without decoding the skipped batches
+        if skip and hasattr(self.loader, "set_start_step"):
+            self.loader.set_start_step(skip)  # seeks without decoding the skipped batches
             skip = 0
         it = iter(self.loader)
         try:
@@ -319,13 +307,14 @@ class Trainer:
                 if i >= skip:
                     yield batch
         finally:
-            close = getattr(it, "close", None)  # stop prefetch workers when we leave early
-            if close is not None:
-                close()
+            if hasattr(it, "close"):
+                it.close()  # stop prefetching when we leave early
+
+    _epoch_batches = epoch_batches  # the former private name (tests/train/test_logging.py)
 
     def _stop_reason(self, stop_at: int) -> str:
         # Per-step check; across ranks one host-side all-reduce of a CPU flag (no device sync).
-        if any_rank(self.signals.requested, self.ctx):
+        if self.signals.agreed(self.ctx):
             return self.signals.name or "SIGTERM"
         if self.global_step >= stop_at:
             return "done" if stop_at == self.total_steps else "max_steps"
@@ -335,7 +324,7 @@ class Trainer:
         """Last log, evaluation and checkpoint of the run (or of this piece of it)."""
         if self._meter.steps:
             self._log_progress()
-        if reason == "done" and self.cfg.eval.every > 0 and self.cfg.verification_bins and \
+        if reason == "done" and self.evaluator.enabled and \
                 self.last_eval.get("step") != self.global_step:
             self.evaluate()
         if not self._saved_now():
@@ -352,7 +341,7 @@ class Trainer:
         self._window_steps += 1
         if step % cfg.train.log_every == 0:
             self._log_progress()
-        if cfg.eval.every > 0 and step % cfg.eval.every == 0 and cfg.verification_bins:
+        if self.evaluator.due(step):
             self.evaluate()
         if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and \
                 self.step_in_epoch < self.steps_per_epoch:  # the epoch end saves anyway
@@ -360,53 +349,11 @@ class Trainer:
 
     # ========================================================================= one step
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One optimizer step on this rank's batch (split into ``optim.accum_steps``
-        micro-batches). Returns 0-dim device tensors: ``loss`` (mean over the micro-batches),
-        ``ok`` (finite loss: the update was applied; under fp16 the GradScaler may still skip
-        it for overflowing gradients) and the UNPG statistics of the last micro-batch."""
-        n = self.accum_steps
-        if images.shape[0] % n or images.shape[0] != labels.shape[0]:
-            raise ValueError(f"train_step: batch of {images.shape[0]} images / "
-                             f"{labels.shape[0]} labels is not splittable into "
-                             f"optim.accum_steps={n} micro-batches")
-        loss_sum = torch.zeros((), device=self.device)
-        stats: Dict[str, torch.Tensor] = {}
-        for i, (x, y) in enumerate(zip(images.chunk(n), labels.chunk(n))):
-            last = i == n - 1
-            # Gradients are reduced once, on the last micro-batch (DDP no_sync before it).
-            sync = contextlib.nullcontext() if last or not self.ctx.distributed \
-                else self.model.no_sync()
-            if last:
-                self.classifier.arm_grad_sync()
-            with sync:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
-                    emb = self.model(x)
-                # Outside autocast: the embedding keeps the backbone's dtype, the classifier's
-                # fc.precision picks the kernel's tiles (bf16 under bf16 AMP) and its
-                # length-B math runs in float32 against the fp32 master weight.
-                loss, stats = self.classifier(emb, y)
-                self.scaler.scale(loss / n).backward()
-            loss_sum = loss_sum + loss.detach()
-        self.classifier.finish_grad_sync()
-        loss = loss_sum / n
-        ok = self._finalize_grads(loss)
-        self._step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this update uses
-        with self.classifier.step_context(self.optimizer):
-            if self.scaler.is_enabled():
-                self.scaler.step(self.optimizer)  # skips on inf/NaN gradients by itself
-                self.scaler.update()
-            else:
-                guarded_step(self.optimizer, ok)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "ok": ok, **stats}
-
-    def _finalize_grads(self, loss: torch.Tensor) -> torch.Tensor:
-        """Unscale (fp16), clip, and the device-side verdict ``ok`` (``unpg.grads``)."""
-        return finalize_grads(self.optimizer, loss, scaler=self.scaler,
-                              clip=self.cfg.optim.grad_clip, ctx=self.ctx,
-                              classifier=self.classifier)
+        """One optimizer step on this rank's batch (``unpg.train_step``): 0-dim device tensors
+        ``loss``, ``ok`` (finite: the update was applied) and the UNPG statistics."""
+        out = self.step(images, labels)
+        self._step_lr = self.step.last_lr
+        return out
 
     # ========================================================================= logging / eval
     def _log_progress(self) -> None:
@@ -432,28 +379,10 @@ class Trainer:
                 self.sink.write(self.global_step, record)
 
     def evaluate(self) -> Dict[str, Any]:
-        """Verification on ``cfg.verification_bins`` (rank 0 computes, the mean accuracy is
-        broadcast); keeps ``best.pt`` when it improves. Collective: call on every rank."""
-        cfg = self.cfg
-        results: Dict[str, Any] = {}
-        score = math.nan
-        if self.ctx.is_main:
-            # The unwrapped backbone: no DDP collective; evaluate_bins restores train mode.
-            results = evaluate_bins(self.backbone, cfg.verification_bins,
-                                    batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
-                                    normalize=cfg.data.normalize, device=self.device,
-                                    n_folds=cfg.eval.n_folds)
-            accs = {name: float(r["accuracy"]) for name, r in results.items()}
-            score = float(np.mean(list(accs.values()))) if accs else math.nan
-            record = {f"{name}/accuracy": acc for name, acc in accs.items()}
-            record.update({f"{name}/accuracy_std": float(r["accuracy_std"])
-                           for name, r in results.items()})
-            log.info("step %d verification: %s", self.global_step,
-                     "  ".join(f"{n} {a:.4f}" for n, a in accs.items()))
-            if self.sink is not None:
-                self.sink.write(self.global_step, record, kind="eval")
-        score = broadcast_float(score, self.ctx)
-        self.last_eval = {"step": self.global_step, "score": score, "results": results}
+        """Verification (``unpg.train_eval``); keeps ``best.pt`` when the mean accuracy
+        improves. Collective: call on every rank."""
+        self.last_eval = self.evaluator.run(self.backbone, self.global_step, self.sink)
+        score = self.last_eval["score"]
         if math.isfinite(score) and score > self.best_score:
             self.best_score = score
             self.save_checkpoint(best=True)
