@@ -69,6 +69,14 @@ def test_only_the_chosen_backends_key_is_needed(prepared, cfg_factory, tmp_path)
         build_loader(cfg_factory("dali", ffcv=prepared["ffcv"]), 0, 1, "cpu")
 
 
+def test_an_empty_rec_says_so(tmp_path, cfg_factory):
+    (tmp_path / "train.rec").write_bytes(b"")
+    (tmp_path / "train.idx").write_text("")
+    with pytest.raises(ValueError, match="no images") as err:
+        build_loader(cfg_factory("torch", rec=tmp_path), 0, 1, "cpu")
+    assert "batch" not in str(err.value)
+
+
 def _children(pid):
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
