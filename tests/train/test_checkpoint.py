@@ -90,6 +90,7 @@ def test_best_checkpoint_follows_verification_accuracy(memory_run, tiny_rec, tmp
     assert 0.0 <= best_acc <= 1.0
 
 
+@pytest.mark.slow
 def test_iresnet_run_resumes(fixtures_dir, tmp_path, capsys):
     """iresnet keeps a frozen tensor (``features.weight``): the optimizer holds one tensor less
     than the backbone's state, which a resume must not mistake for another architecture."""

@@ -1,7 +1,6 @@
 """The entry point: the official code's flag shorthands, error exits, and a real run of ``unpg/train.py`` /
 ``python -m unpg.train`` on a synthetic rec that is stopped by SIGTERM and resumed to the exact
 loss sequence of an uninterrupted run."""
-import json
 import os
 import signal
 import subprocess
@@ -46,12 +45,8 @@ def test_bad_config_and_missing_data_exit_2_with_a_fix(capsys, tmp_path):
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing written
 
 
-def _train_records(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-
-
-def test_sigterm_saves_and_resume_matches_uninterrupted_run(tiny_rec, tmp_path):
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tiny_rec, tmp_path, losses):
     common = [f"data.rec={tiny_rec}", "loader.workers=0", "model.name=mobilefacenet_s",
               "model.embedding_size=32", "model.channels_last=true", "head.s=16.0",
               "head.m=0.2", "unpg.enabled=true", "train.batch_size=8", "train.amp=none",
@@ -92,7 +87,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tiny_rec, tmp_path):
     subprocess.run([sys.executable, "unpg/train.py", *common, "train.name=full",
                     f"train.max_steps={stop}"], cwd=REPO, env=env, check=True,
                    capture_output=True)
-    resumed, full = _train_records(tmp_path / "sig"), _train_records(tmp_path / "full")
+    resumed, full = losses(tmp_path / "sig"), losses(tmp_path / "full")
     assert [s for s, _ in full] == list(range(1, stop + 1))
     assert resumed == full  # bit-identical losses, steps 1..k from before the signal
 
@@ -104,7 +99,8 @@ def test_help_works_for_both_entry_points(how):
     assert "--unpg_wisk" in out and "key=value" in out
 
 
-def test_torchrun_two_processes_sharded(tiny_rec, tmp_path):
+@pytest.mark.slow
+def test_torchrun_two_processes_sharded(tiny_rec, tmp_path, losses):
     """The real launcher: torchrun starts unpg/train.py twice (gloo, env:// rendezvous)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "unpg/train.py", f"data.rec={tiny_rec}", "loader.workers=0",
@@ -118,4 +114,4 @@ def test_torchrun_two_processes_sharded(tiny_rec, tmp_path):
     assert saved["train_state"]["world_size"] == 2
     assert saved["classifier"]["weight"].shape == (8, 32)
     assert saved["config"]["unpg"] == {"enabled": True, "wisk": 1.5}
-    assert [s for s, _ in _train_records(tmp_path / "ddp")] == [1, 2]
+    assert [s for s, _ in losses(tmp_path / "ddp")] == [1, 2]

@@ -131,6 +131,7 @@ def test_world_size_and_file_checks(helpers, tmp_path):
         Trainer(helpers["tiny_config"](tmp_path, "train.amp=fp16")).setup_distributed()
 
 
+@pytest.mark.slow
 def test_corrupt_sample_under_on_corrupt_error_is_one_error_line_and_exit_2(tiny_rec, tmp_path):
     """A training run meets a record whose JPEG is destroyed: one ``error:`` line naming the
     record and the fix, exit code 2, no traceback; the steps done before it are saved."""

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from unpg import checkpoint as ck
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +50,7 @@ def last_logged_step(run_dir: Path) -> int:
     return max(int(line.split('"step": ')[1].split(",")[0]) for line in lines)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0(tiny_rec, tmp_path):
     run_dir = tmp_path / "grp"
     code, out = run_until_logged(
@@ -61,6 +64,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0(tiny
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_torchrun_job_saves_one_checkpoint_for_both_ranks(tiny_rec, tmp_path):
     run_dir = tmp_path / "ddp"
     code, out = run_until_logged(
