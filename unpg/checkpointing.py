@@ -151,11 +151,15 @@ class RunFolder:
             return None
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
-            assert manifest["format"] == _RUN_FORMAT and isinstance(manifest["run_id"], str)
-            assert all(isinstance(n, str) for n in manifest["checkpoints"])
-        except (ValueError, KeyError, TypeError, AssertionError) as exc:
-            raise ValueError(f"{path}: not a readable run file ({type(exc).__name__}: {exc}); "
-                             f"move the folder away or choose another train.name") from None
+            valid = (isinstance(manifest, dict) and manifest.get("format") == _RUN_FORMAT
+                     and isinstance(manifest.get("run_id"), str)
+                     and isinstance(manifest.get("checkpoints"), list)
+                     and all(isinstance(n, str) for n in manifest["checkpoints"]))
+        except (OSError, ValueError) as exc:
+            valid, manifest = False, str(exc)
+        if not valid:
+            raise ValueError(f"{path}: not a readable run file of this trainer; move the folder "
+                             f"away or choose another train.name")
         return manifest
 
     def _require_empty(self, entries: List[str], overwrite: bool) -> None:
@@ -253,7 +257,7 @@ class RunFolder:
             before = _flat(yaml.safe_load(first.read_text(encoding="utf-8")) or {})
         except (OSError, yaml.YAMLError):
             before = {}
-        now = _flat(cfg.to_dict())
+        now = _flat(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # as the file holds it
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
                          and k not in ("train.resume", "train.overwrite"))
         if changed:

@@ -108,7 +108,8 @@ def test_resumed_config_change_is_kept_beside_config_yaml(memory_run, tmp_path):
     assert (run_dir / "config.yaml").read_bytes() == first
     changed = (run_dir / "config_resumed_000000002.yaml").read_text()
     assert "lr: 0.01" in changed and "max_steps: 3" in changed
-    memory_run(tmp_path, "train.resume=auto", "train.max_steps=4")  # same as the run's start
+    memory_run(tmp_path, "train.resume=auto", "train.max_steps=4")  # max_steps differs
+    memory_run(tmp_path, "train.resume=auto", "train.max_steps=2")  # as at the start: no file
     assert sorted(p.name for p in run_dir.glob("config*.yaml")) == [
         "config.yaml", "config_resumed_000000002.yaml", "config_resumed_000000003.yaml"]
 
