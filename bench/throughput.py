@@ -12,7 +12,8 @@ thread during the data-side parts, so the loaders' own workers own the cores):
 
 * ``decode/<decoder>/<threads|processes>``: decode-only ceiling, the same JPEGs from memory into
   a preallocated buffer, with ``--workers`` threads of one process, or ``--workers`` forked
-  processes writing into shared memory. Nothing else.
+  processes writing into shared memory. Nothing else. ``.../gil_load``: the same while another
+  thread of the process spins pure Python (what a training loop does to decode threads).
 * ``loader/<name>/<w>``: ``unpg.loaders.build_loader`` output (normalised float batches on
   ``--device``) with ``loader.workers = w`` for w = 1, 2, 4, ..., ``--workers``. ``loader/seed``
   is what the official code does: a ``DataLoader`` whose worker processes decode each image with
@@ -27,7 +28,8 @@ thread during the data-side parts, so the loaders' own workers own the cores):
   batches; ``train/fed_by_<name>``: the same step fed by that loader (``--workers``).
 
 Names in ``--json``: ``{"results": [{"name", "value", "unit"}]}`` with names
-``decode/<decoder>/<threads|processes>/images_per_s``, ``loader/<name>/<workers>/images_per_s``,
+``decode/<decoder>/<threads|processes>[/gil_load]/images_per_s``,
+``loader/<name>/<workers>/images_per_s``,
 ``loader/<name>/gil_load/images_per_s``, ``train/step/images_per_s``,
 ``train/fed_by_<name>/images_per_s``.
 """
@@ -42,6 +44,7 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -226,8 +229,27 @@ def _process_chunk(job) -> int:
     return hi - lo
 
 
-def bench_decode(args, paths, decoder: str, mode: str) -> float:
-    """Decode-only ceiling with ``--workers`` threads or forked processes."""
+@contextlib.contextmanager
+def gil_load():
+    """A thread of this process spinning pure Python until the block ends."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            _python_loop(0.005)
+
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
+def bench_decode(args, paths, decoder: str, mode: str, loaded: bool = False) -> float:
+    """Decode-only ceiling with ``--workers`` threads or forked processes; ``loaded``: while a
+    thread of this process runs pure Python (threads then compete for its GIL too)."""
     with FaceRecIndex.open(paths["rec"]) as index:
         n = min(len(index), args.decode_images)
         _JPEGS[:] = [np.frombuffer(index.read_image(i)[1], np.uint8) for i in range(n)]
@@ -244,14 +266,16 @@ def bench_decode(args, paths, decoder: str, mode: str) -> float:
                 return n
 
             run()
-            return rate_median(run, args.passes)
+            with gil_load() if loaded else contextlib.nullcontext():
+                return rate_median(run, args.passes)
     _PROC_STATE.update(decoder=decoder, mm=mm, shape=shape)
     with mp.get_context("fork").Pool(w) as pool:
         def run() -> int:
             return sum(pool.map(_process_chunk, jobs, chunksize=1))
 
         run()
-        return rate_median(run, args.passes)
+        with gil_load() if loaded else contextlib.nullcontext():
+            return rate_median(run, args.passes)
 
 
 # ----------------------------------------------------------------------------- training step
@@ -370,6 +394,10 @@ def main(argv: Optional[list] = None) -> Dict[str, float]:
             for dec in (args.decoder, "pil"):
                 for mode in ("threads", "processes"):
                     put(f"decode/{dec}/{mode}", bench_decode(args, paths, dec, mode))
+            if "gil_load" not in args.skip:
+                for mode in ("threads", "processes"):
+                    put(f"decode/{args.decoder}/{mode}/gil_load",
+                        bench_decode(args, paths, args.decoder, mode, loaded=True))
         for name in loaders:
             for w in (counts if "scaling" not in args.skip else [args.workers]):
                 try:

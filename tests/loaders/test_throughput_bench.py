@@ -22,6 +22,7 @@ def test_throughput_bench_names(tmp_path):
     got = {r["name"]: r["value"] for r in json.loads(out.read_text())["results"]}
     want = [f"decode/{d}/{m}/images_per_s" for d in ("simplejpeg", "pil")
             for m in ("threads", "processes")]
+    want += [f"decode/simplejpeg/{m}/gil_load/images_per_s" for m in ("threads", "processes")]
     want += [f"loader/{n}/{w}/images_per_s" for n in ("seed", "torch", "ffcv") for w in (1, 2)]
     want += [f"loader/{n}/gil_load/images_per_s" for n in ("seed", "torch", "ffcv")]
     want += ["train/step/images_per_s"]
