@@ -133,8 +133,8 @@ class PackedLoader(BaseLoader):
     def _free_slot(self, slot: int) -> None:
         ev = self._events[slot]
         if ev is not None:
-            # Host sync on the side stream only: the copy out of this slot was issued
-            # `in_flight` batches ago and is almost always complete already.
+            # Host sync on the side stream only: the copy out of this slot was queued at least
+            # one training step ago (see __init__) and is almost always complete already.
             ev.synchronize()
 
     def _submit(self, plan, step: int) -> None:
