@@ -50,11 +50,23 @@ def last_logged_step(run_dir: Path) -> int:
     return max(int(line.split('"step": ')[1].split(",")[0]) for line in lines)
 
 
+@pytest.fixture(scope="module")
+def packed(tiny_rec, tmp_path_factory):
+    """The tiny rec as a packed file (``loader.name=ffcv``)."""
+    out = tmp_path_factory.mktemp("packed") / "data.ffcv"
+    subprocess.run([sys.executable, "-m", "unpg.tools.pack", "--rec", str(tiny_rec), "--out",
+                    str(out)], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
+    return out
+
+
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0(tiny_rec, tmp_path):
+@pytest.mark.parametrize("loader", ["torch", "ffcv"])
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0(tiny_rec, packed,
+                                                                            tmp_path, loader):
     run_dir = tmp_path / "grp"
+    source = ["loader.name=ffcv", f"data.ffcv_file={packed}"] if loader == "ffcv" else []
     code, out = run_until_logged(
-        [sys.executable, "-m", "unpg.train", *common(tiny_rec, tmp_path, "grp"),
+        [sys.executable, "-m", "unpg.train", *common(tiny_rec, tmp_path, "grp"), *source,
          "loader.workers=2"], run_dir / "metrics.jsonl", rows=2)
     assert code == 0, out[-4000:]
     assert "SIGTERM received" in out and "Traceback" not in out, out[-4000:]
