@@ -205,10 +205,11 @@ class RunFolder:
         self.run_id, self.checkpoints = manifest["run_id"], list(manifest["checkpoints"])
 
     def _newest_readable(self) -> Optional[Path]:
-        skipped = []
+        skipped, missing = [], []
         for name in reversed(self.checkpoints):
             path = self.run_dir / name
             if not path.is_file():
+                missing.append(name)
                 continue
             try:
                 ck = ckpt_io.load_checkpoint(path)
@@ -221,9 +222,10 @@ class RunFolder:
                             "(skipped %s)", path, ", ".join(skipped))
             self._loaded = (path, ck)
             return path
-        if skipped:
-            raise ValueError(f"train.resume=auto: no checkpoint of {self.run_dir} is readable "
-                             f"(tried {', '.join(skipped)}); resume from a copy with "
+        if skipped or missing:  # starting over would silently throw the run away
+            raise ValueError(f"train.resume=auto: no checkpoint of the run in {self.run_dir} is "
+                             f"readable (unreadable: {', '.join(skipped) or 'none'}; missing: "
+                             f"{', '.join(missing) or 'none'}); resume from a copy with "
                              f"train.resume=PATH, or start over with train.overwrite=true")
         log.info("train.resume=auto: run %s has no checkpoint yet, starting it from step 0",
                  self.run_id)

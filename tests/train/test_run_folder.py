@@ -100,6 +100,16 @@ def test_resume_auto_skips_an_unreadable_newest_checkpoint_and_removes_stale_tem
     assert not stale.exists() and other.read_bytes() == b"keep"
 
 
+def test_resume_auto_refuses_to_start_over_when_the_runs_checkpoints_are_gone(memory_run,
+                                                                             tmp_path):
+    memory_run(tmp_path, "train.max_steps=3")
+    (tmp_path / "run" / "ckpt_000000003.pt").unlink()
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"no checkpoint .* readable .*missing: ckpt_000000003.pt"):
+        memory_run(tmp_path, "train.resume=auto")
+    assert snapshot(tmp_path / "run") == before
+
+
 def test_resumed_config_change_is_kept_beside_config_yaml(memory_run, tmp_path):
     memory_run(tmp_path, "train.max_steps=2")
     run_dir = tmp_path / "run"
