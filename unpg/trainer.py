@@ -17,7 +17,7 @@ of a CPU flag when distributed.
 Calling ``train_step`` on in-memory batches (benchmarks)::
 
     trainer = Trainer(cfg, num_classes=C).setup(data=False, steps_per_epoch=1000)
-    out = trainer.train_step(images_bCHW, labels_b)  # this rank's float batch on trainer.device
+    out = trainer.train_step(images_b3HW, labels_b)  # this rank's float batch on trainer.device
     out["loss"], out["ok"]                               # 0-dim device tensors (no sync)
 """
 from __future__ import annotations
@@ -136,6 +136,7 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} (global) must be divisible by "
                 f"world_size x optim.accum_steps = {world} x {self.accum_steps}; set "
                 f"train.batch_size to a multiple of {per_step}")
+        # Verification during training checks its own files (before any work).
         self.evaluator = TrainingEvaluator(cfg.eval, cfg.verification_bins, cfg.data.normalize,
                                            self.ctx)
         if cfg.model.weights and not os.path.isfile(cfg.model.weights):
