@@ -348,5 +348,7 @@ class CheckpointManager:
             except ValueError as exc:
                 raise ValueError(f"{path}: {name}: {exc}") from exc
             except (RuntimeError, KeyError, TypeError) as exc:  # e.g. nn.Module's strict load
-                raise ValueError(f"{path}: {name} does not fit this run's config: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+                raise ValueError(f"{path}: the saved {name} does not fit this run ({detail[:300]}"
+                                 f"); resume with the model, optimizer and data it was saved "
+                                 f"with (the checkpoint's 'config' holds them)") from exc

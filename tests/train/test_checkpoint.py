@@ -90,6 +90,18 @@ def test_best_checkpoint_follows_verification_accuracy(memory_run, tiny_rec, tmp
     assert 0.0 <= best_acc <= 1.0
 
 
+@pytest.mark.parametrize("change, component", [("optim.name=adamw", "optimizer"),
+                                               ("model.embedding_size=8", "backbone")])
+def test_resume_into_another_model_or_optimizer_names_the_component(memory_run, tmp_path, change,
+                                                                    component):
+    memory_run(tmp_path, "train.max_steps=2")
+    with pytest.raises(ValueError) as info:
+        memory_run(tmp_path, "train.resume=auto", change)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'run' / 'ckpt_000000002.pt'}: the saved {component} ")
+    assert "\n" not in msg and "resume with the model, optimizer and data" in msg
+
+
 @pytest.mark.slow
 def test_iresnet_run_resumes(fixtures_dir, tmp_path, capsys):
     """iresnet keeps a frozen tensor (``features.weight``): the optimizer holds one tensor less
