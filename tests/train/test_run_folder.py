@@ -4,12 +4,18 @@ checkpoints; ``train.resume=auto`` continues the run of ``run.json`` from its ne
 checkpoint and removes what an interrupted save left; an unwritable output folder is reported
 before any work."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from unpg import checkpoint as ck
 from unpg.train import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def snapshot(folder):
@@ -134,3 +140,20 @@ def test_unwritable_output_folder_is_one_error_line_before_any_work(tmp_path, ca
     assert code == 2
     assert err.startswith(f"error: train.output_dir: cannot write the run folder {blocker}/run")
     assert err.count("\n") == 1 and blocker.read_text() == "x"
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_torchrun_job_stops_on_a_refused_run_folder(memory_run, tiny_rec,
+                                                                   tmp_path):
+    """Rank 0 decides; the other rank gets the same error instead of waiting for rank 0."""
+    memory_run(tmp_path, "train.max_steps=2")
+    before = snapshot(tmp_path / "run")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "unpg/train.py", f"data.rec={tiny_rec}", "train.device=cpu", "train.batch_size=8",
+         "model.name=mobilefacenet_s", f"train.output_dir={tmp_path}", "train.name=run"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: run folder")]
+    assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]
+    assert snapshot(tmp_path / "run") == before
