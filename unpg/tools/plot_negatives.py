@@ -80,7 +80,7 @@ def _run_title(run_dir: Path) -> str:
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
         head, unpg = cfg["head"], cfg["unpg"]
-        return f"{title}: {head['name']}, UNPG wisk {unpg['wisk']:g}"
+        return f"{title}: {head['name']}, UNPG wisk {float(unpg['wisk'])}"
     except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
         return title
 
