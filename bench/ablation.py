@@ -214,6 +214,17 @@ def run_one(config: Path, overrides: List[str], run_dir: Path, sets: Dict[str, H
     return dict(result, cached=False)
 
 
+def last_train_record(run_dir: Path) -> Dict[str, float]:
+    """The run's final training loss and UNPG kept fraction (its last logged window)."""
+    last: Dict[str, float] = {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row.get("kind") == "train":
+            last = {k: row[k] for k in ("loss", "unpg/kept_fraction") if k in row}
+    return last
+
+
 # ----------------------------------------------------------------------------- statistics
 def summarize(values: Sequence[float]) -> Dict[str, object]:
     """Mean, sample std (None for one value), min, max, n and the values themselves."""
@@ -327,10 +338,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dir = args.work / "runs" / key / f"{head}_{variant}_seed{seed}"
         res = run_one(args.config, overrides, run_dir, sets, key, args.fresh)
         runs[(head, variant, seed)] = res["metrics"]
-        per_run.append({"head": head, "variant": variant, "seed": seed, **res})
+        final = last_train_record(run_dir)
+        per_run.append({"head": head, "variant": variant, "seed": seed, **res,
+                        "final_train": final})
         m = res["metrics"]
+        kept = final.get("unpg/kept_fraction")
         print(f"[{i}/{len(todo)}] {head:8s} {variant:10s} seed {seed}: "
               + "  ".join(f"{k} {m[k] * 100:.2f}" for k in METRICS)
+              + f"  | loss {final.get('loss', float('nan')):.2f}"
+              + ("" if kept is None else f" kept {kept:.1%}")
               + (" (cached)" if res["cached"] else
                  f"  [{res['steps']} steps, {res['seconds']:.0f} s, load {res['load_average']:.1f}]"),
               flush=True)
