@@ -202,9 +202,12 @@ def run_one(config: Path, overrides: List[str], run_dir: Path, sets: Dict[str, H
     t0 = time.perf_counter()
     try:
         trainer = Trainer(cfg).setup()
-        trainer.train()
+        reason = trainer.train()["reason"]
     finally:
         teardown_distributed()
+    if reason != "done":  # SIGTERM: the trainer saved and returned early; cache nothing
+        raise SystemExit(f"error: {run_dir.name} stopped by {reason} at step "
+                         f"{trainer.global_step}; rerun the same command to continue the table")
     t_train = time.perf_counter() - t0
     metrics = evaluate(trainer.backbone, sets, cfg.data.normalize)
     result = {"fingerprint": fingerprint, "metrics": metrics, "steps": trainer.global_step,
