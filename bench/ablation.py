@@ -205,7 +205,7 @@ def run_one(config: Path, overrides: List[str], run_dir: Path, sets: Dict[str, H
         reason = trainer.train()["reason"]
     finally:
         teardown_distributed()
-    if reason != "done":  # SIGTERM: the trainer saved and returned early; cache nothing
+    if reason not in ("done", "max_steps"):  # a signal: the trainer saved and returned early
         raise SystemExit(f"error: {run_dir.name} stopped by {reason} at step "
                          f"{trainer.global_step}; rerun the same command to continue the table")
     t_train = time.perf_counter() - t0
