@@ -3,42 +3,34 @@ table), each loader under GIL load, the training step alone and fed by each load
 
     python bench/throughput.py [--workers N] [--device cpu|cuda] [--json FILE] [--skip ...]
 
-Data: a synthetic insightface rec of ``--identities x --images-per-identity`` (default 1000 x 20 =
-20,000) 112x112 JPEGs (quality 95, like insightface's packing) under ``bench/data/`` (git-ignored),
-generated once and reused, plus its packed file (ffcv) and prepared shards (DALI).
+Data: a synthetic insightface rec of ``--identities x --images-per-identity`` 112x112 JPEGs
+(quality 95) under ``bench/data/`` (git-ignored, made once), its packed file and DALI shards.
+Median of ``--passes`` full epochs after a warm-up; one torch intra-op thread on the data side.
 
-Measured (median of ``--passes`` full epochs after a warm-up; torch limited to one intra-op
-thread during the data-side parts, so the loaders' own workers own the cores):
-
-* ``decode/<decoder>/<threads|processes>``: decode-only ceiling, the same JPEGs from memory into
-  a preallocated buffer, with ``--workers`` threads of one process, or ``--workers`` forked
-  processes writing into shared memory. Nothing else. ``.../gil_load``: the same while another
-  thread of the process spins pure Python (what a training loop does to decode threads).
+* ``decode/<decoder>/<threads|processes>``: decode-only ceiling (JPEGs from memory into a
+  preallocated buffer) with ``--workers`` threads, or forked processes writing into shared
+  memory. ``.../gil_load``: the same while another thread of the process spins pure Python.
 * ``loader/<name>/<w>``: ``unpg.loaders.build_loader`` output (normalised float batches on
-  ``--device``) with ``loader.workers = w`` for w = 1, 2, 4, ..., ``--workers``. ``loader/seed``
-  is what the official code does: a ``DataLoader`` whose worker processes decode each image with
-  PIL, resize it to 112 (bicubic), flip it at random and normalise it one by one (reading the
-  JPEG bytes from the same memory-mapped rec: the official code reads files, which only adds).
+  ``--device``) with ``loader.workers = w`` for w = 1, 2, 4, ..., ``--workers``. ``loader/seed``:
+  the official code's ``DataLoader`` (per sample: PIL decode, bicubic resize, flip, normalise;
+  JPEG bytes from the same mapped rec). ``loader/ffcv_threads``: the packed loader's batch code
+  run by threads of the training process (the design it replaced), for comparison.
 * ``loader/<name>/gil_load``: the same loader at ``--workers`` while the consuming thread runs a
   pure-Python loop after each batch, for ``--gil-load-frac`` (default 0.25) of the time that
-  loader alone needs per batch: a stand-in for the training loop's own Python work. A loader
-  that needs the training process's GIL stalls during that loop; a perfect one loses nothing but
-  the CPU time the loop itself takes from the workers (on 2 cores, up to ~frac/2).
+  loader alone needs per batch (the training loop's own Python work). A loader needing the
+  training process's GIL stalls then; a perfect one loses only the loop's CPU time (2 cores:
+  up to ~frac/2).
 * ``train/step``: mobilefacenet + ArcFace margin softmax forward/backward/SGD on in-memory
   batches; ``train/fed_by_<name>``: the same step fed by that loader (``--workers``).
 
-Names in ``--json``: ``{"results": [{"name", "value", "unit"}]}`` with names
-``decode/<decoder>/<threads|processes>[/gil_load]/images_per_s``,
-``loader/<name>/<workers>/images_per_s``,
-``loader/<name>/gil_load/images_per_s``, ``train/step/images_per_s``,
-``train/fed_by_<name>/images_per_s``.
+``--json``: ``{"results": [{"name", "value", "unit"}]}``, names as above + ``/images_per_s``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
-import json
 import mmap
 import multiprocessing as mp
 import os
@@ -52,8 +44,10 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from unpg.loaders import build_loader
+from unpg.loaders import build_loader, epoch_plan, to_device_normalized
 from unpg.loaders.decode import cpu_decoder
+from unpg.loaders.packed import PackedBatchFiller
+from unpg.loaders.packed_format import PackedFile
 
 from unpg.config import NORMALIZE_MEAN_STD, Config
 from unpg.data.synthetic import ensure_dataset
@@ -66,7 +60,7 @@ from unpg.tools.prepare_dali import prepare_dali
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
-LOADERS = ("seed", "torch", "ffcv", "dali")
+LOADERS = ("seed", "torch", "ffcv", "ffcv_threads", "dali")
 
 
 def rate_median(fn: Callable[[], int], passes: int) -> float:
@@ -81,28 +75,19 @@ def rate_median(fn: Callable[[], int], passes: int) -> float:
 
 def worker_counts(n: int) -> List[int]:
     """1, 2, 4, ... below ``n``, then ``n``."""
-    out, w = [], 1
-    while w < n:
-        out.append(w)
-        w *= 2
-    return out + [n]
+    return [1 << k for k in range(n.bit_length()) if 1 << k < n] + [n]
 
 
-# ----------------------------------------------------------------------------- data
 def ensure_data(args) -> Dict[str, str]:
     rec = DATA / f"synth_{args.identities}x{args.images_per_identity}"
-    meta = ensure_dataset(str(rec), args.identities, args.images_per_identity, val_identities=10,
+    ensure_dataset(str(rec), args.identities, args.images_per_identity, val_identities=10,
                           val_pairs=20, seed=0, quality=95)
     pack = rec.with_suffix(".unpgpack")
     if not pack.exists() or pack.stat().st_mtime < (rec / "train.rec").stat().st_mtime:
         pack_rec(rec, pack, force=True)
     dali = rec.with_name(rec.name + "_dali")
-    try:
-        m = json.loads((dali / "dali_manifest.json").read_text())
-        fresh = m["source_images"] == meta["num_images"] and \
-            (dali / "dali_manifest.json").stat().st_mtime > (rec / "train.rec").stat().st_mtime
-    except (OSError, ValueError, KeyError):
-        fresh = False
+    manifest = dali / "dali_manifest.json"
+    fresh = manifest.exists() and manifest.stat().st_mtime > (rec / "train.rec").stat().st_mtime
     if not fresh and "dali" not in args.skip:
         prepare_dali(rec, dali, shards=2, seed=0, workers=args.workers, force=True)
     return {"rec": str(rec), "pack": str(pack), "dali": str(dali)}
@@ -117,10 +102,8 @@ def make_cfg(args, paths, loader: str, workers: int, batch: Optional[int] = None
     return cfg.validate()
 
 
-# ----------------------------------------------------------------------------- official baseline
 class SeedDataset(torch.utils.data.Dataset):
-    """The official code's per-sample path: PIL decode, bicubic resize to 112, random flip,
-    ToTensor, Normalize."""
+    """The official per-sample path: PIL decode, bicubic resize, random flip, ToTensor, Normalize."""
 
     def __init__(self, rec_dir: str):
         self.index = FaceRecIndex.open(rec_dir)
@@ -142,31 +125,62 @@ class SeedDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, label
 
 
-class SeedLoader:
-    """``DataLoader`` over ``SeedDataset`` with the loaders' ``set_epoch``/``close`` surface."""
-
-    def __init__(self, rec: str, batch: int, workers: int):
-        self.dl = torch.utils.data.DataLoader(SeedDataset(rec), batch_size=batch, shuffle=True,
-                                              drop_last=True, num_workers=workers,
-                                              persistent_workers=workers > 0)
+class SeedLoader(torch.utils.data.DataLoader):
+    """The official code's ``DataLoader`` (shuffle, per-sample) with ``set_epoch``/``close``."""
 
     def set_epoch(self, epoch: int) -> None:
         pass
 
+    def close(self) -> None:
+        pass  # its persistent workers end with the object
+
+
+class ThreadedPackedLoader:
+    """The design the packed loader replaced, for comparison: the same batch code
+    (``PackedBatchFiller``) run by threads of the training process instead of processes."""
+
+    def __init__(self, args, paths, workers: int, batch: int):
+        self.file = PackedFile(paths["pack"])
+        self.fill = PackedBatchFiller(self.file, args.decoder, "skip")
+        self.workers, self.batch, self.device, self.epoch = max(1, workers), batch, args.device, 0
+        self.pool = ThreadPoolExecutor(self.workers)  # decode chunks
+        self.ahead_pool = ThreadPoolExecutor(1)  # whole batches ahead (never waits on itself)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batch(self, indices: np.ndarray, flips: np.ndarray):
+        images = np.empty((len(indices), 3, 112, 112), np.uint8)
+        labels = np.empty(len(indices), np.int64)
+        bounds = np.linspace(0, len(indices), 2 * self.workers + 1).astype(int)
+        list(self.pool.map(lambda a, b: self.fill(indices[a:b], flips[a:b], images[a:b],
+                                                  labels[a:b]), bounds[:-1], bounds[1:]))
+        return torch.from_numpy(images), torch.from_numpy(labels)
+
     def __iter__(self):
-        return iter(self.dl)
+        plan = epoch_plan(len(self.file), 0, self.epoch, 0, 1, self.batch)
+        ahead = [self.ahead_pool.submit(self._batch, *plan.batch(s)) for s in range(2)]
+        for s in range(plan.steps):
+            images, labels = ahead.pop(0).result()
+            if s + 2 < plan.steps:
+                ahead.append(self.ahead_pool.submit(self._batch, *plan.batch(s + 2)))
+            yield to_device_normalized(images, None, *NORMALIZE_MEAN_STD["insightface"],
+                                       self.device), labels
 
     def close(self) -> None:
-        del self.dl
+        self.ahead_pool.shutdown()
+        self.pool.shutdown()
 
 
 def open_loader(args, paths, name: str, workers: int, batch: Optional[int] = None):
     if name == "seed":
-        return SeedLoader(paths["rec"], batch or args.batch, workers)
+        return SeedLoader(SeedDataset(paths["rec"]), batch_size=batch or args.batch, shuffle=True,
+                          drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+    if name == "ffcv_threads":
+        return ThreadedPackedLoader(args, paths, workers, batch or args.batch)
     return build_loader(make_cfg(args, paths, name, workers, batch), 0, 1, args.device)
 
 
-# ----------------------------------------------------------------------------- loaders
 def _sync(args) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -202,7 +216,6 @@ def bench_loader(args, paths, name: str, workers: int, python_s: float = 0.0) ->
         loader.close()
 
 
-# ----------------------------------------------------------------------------- decode ceilings
 _JPEGS: List[np.ndarray] = []  # inherited by the forked decode processes
 
 
@@ -233,12 +246,7 @@ def _process_chunk(job) -> int:
 def gil_load():
     """A thread of this process spinning pure Python until the block ends."""
     stop = threading.Event()
-
-    def spin() -> None:
-        while not stop.is_set():
-            _python_loop(0.005)
-
-    t = threading.Thread(target=spin, daemon=True)
+    t = threading.Thread(target=lambda: [_python_loop(0.005) for _ in iter(stop.is_set, True)])
     t.start()
     try:
         yield
@@ -259,26 +267,20 @@ def bench_decode(args, paths, decoder: str, mode: str, loaded: bool = False) -> 
     w = max(1, args.workers)
     bounds = np.linspace(0, n, 4 * w + 1).astype(int)
     jobs = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if mode == "threads":
-        with ThreadPoolExecutor(w) as pool:
-            def run() -> int:
-                list(pool.map(lambda j: _decode_range(decoder, out, *j), jobs))
-                return n
-
-            run()
-            with gil_load() if loaded else contextlib.nullcontext():
-                return rate_median(run, args.passes)
     _PROC_STATE.update(decoder=decoder, mm=mm, shape=shape)
-    with mp.get_context("fork").Pool(w) as pool:
+    with (ThreadPoolExecutor(w) if mode == "threads" else mp.get_context("fork").Pool(w)) as pool:
         def run() -> int:
-            return sum(pool.map(_process_chunk, jobs, chunksize=1))
+            if mode == "threads":
+                list(pool.map(lambda j: _decode_range(decoder, out, *j), jobs))
+            else:
+                pool.map(_process_chunk, jobs, chunksize=1)
+            return n
 
         run()
         with gil_load() if loaded else contextlib.nullcontext():
             return rate_median(run, args.passes)
 
 
-# ----------------------------------------------------------------------------- training step
 def build_step(args, num_classes: int):
     dev = torch.device(args.device)
     model = build_backbone("mobilefacenet").to(dev).train()
@@ -332,43 +334,25 @@ def bench_step_fed(args, paths, step, name: str) -> float:
         loader.close()
 
 
-# ----------------------------------------------------------------------------- main
-@contextlib.contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _default_decoder() -> str:
-    try:
-        import simplejpeg  # noqa: F401
-    except ImportError:
-        return "cv2"  # e.g. a GPU host without simplejpeg
-    return "simplejpeg"
+def _default_decoder() -> str:  # cv2 on a host without simplejpeg
+    return "simplejpeg" if importlib.util.find_spec("simplejpeg") else "cv2"
 
 
 def main(argv: Optional[list] = None) -> Dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--identities", type=int, default=1000)
     ap.add_argument("--images-per-identity", type=int, default=20)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="the most workers; the scaling table runs 1, 2, 4, ... up to it")
-    ap.add_argument("--scaling", default="", help="comma-separated worker counts to measure "
-                    "(default: 1, 2, 4, ..., --workers)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the most workers")
+    ap.add_argument("--scaling", default="", help="worker counts, e.g. 1,16 (1, 2, 4, ... N)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--decoder", default=_default_decoder(), choices=["cv2", "simplejpeg"])
     ap.add_argument("--passes", type=int, default=3, help="timed passes (median reported)")
     ap.add_argument("--decode-images", type=int, default=8192)
     ap.add_argument("--gil-load-frac", type=float, default=0.25)
-    ap.add_argument("--train-batch", type=int, default=32,
-                    help="batch of the training-step parts (mobilefacenet on a CPU is ~5 img/s)")
+    ap.add_argument("--train-batch", type=int, default=32, help="batch of the training parts")
     ap.add_argument("--train-steps", type=int, default=1, help="steps per timed training pass")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: seed torch ffcv dali "
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: seed torch ffcv ffcv_threads dali "
                     "decode scaling gil_load train")
     ap.add_argument("--json", help="write {'results': [...]} here")
     args = ap.parse_args(argv)
@@ -378,10 +362,9 @@ def main(argv: Optional[list] = None) -> Dict[str, float]:
         worker_counts(args.workers)
     torch.manual_seed(0)
     paths = ensure_data(args)
-    load = os.getloadavg()[0]
-    print(f"data: {paths['rec']}; workers {counts}, batch {args.batch} (training parts "
-          f"{args.train_batch}), decoder {args.decoder}, device {args.device}, {os.cpu_count()} "
-          f"CPUs, load average {load:.1f} (other processes share the CPUs)", flush=True)
+    print(f"data: {paths['rec']}; workers {counts}, batch {args.batch} (training {args.train_batch}),"
+          f" decoder {args.decoder}, {args.device}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
     rates: Dict[str, float] = {}
 
     def put(name: str, value: float) -> None:
@@ -389,30 +372,32 @@ def main(argv: Optional[list] = None) -> Dict[str, float]:
         print(f"{name:36s} {value:10.0f}", flush=True)
 
     loaders = [n for n in LOADERS if n not in args.skip]
-    with torch_threads(1):
-        if "decode" not in args.skip:
-            for dec in (args.decoder, "pil"):
-                for mode in ("threads", "processes"):
-                    put(f"decode/{dec}/{mode}", bench_decode(args, paths, dec, mode))
-            if "gil_load" not in args.skip:
-                for mode in ("threads", "processes"):
-                    put(f"decode/{args.decoder}/{mode}/gil_load",
-                        bench_decode(args, paths, args.decoder, mode, loaded=True))
-        for name in loaders:
-            for w in (counts if "scaling" not in args.skip else [args.workers]):
-                try:
-                    put(f"loader/{name}/{w}", bench_loader(args, paths, name, w))
-                except ImportError as e:
-                    print(f"loader/{name}: skipped ({e})")
-                    break
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the loaders' workers own the cores on the data side
+    if "decode" not in args.skip:
+        for dec in (args.decoder, "pil"):
+            for mode in ("threads", "processes"):
+                put(f"decode/{dec}/{mode}", bench_decode(args, paths, dec, mode))
         if "gil_load" not in args.skip:
-            for name in loaders:
-                alone = rates.get(f"loader/{name}/{args.workers}")
-                if not alone:
-                    continue
-                per_batch = args.batch / alone * args.gil_load_frac
-                put(f"loader/{name}/gil_load", bench_loader(args, paths, name, args.workers,
-                                                            python_s=per_batch))
+            for mode in ("threads", "processes"):
+                put(f"decode/{args.decoder}/{mode}/gil_load",
+                    bench_decode(args, paths, args.decoder, mode, loaded=True))
+    for name in loaders:
+        for w in (counts if "scaling" not in args.skip else [args.workers]):
+            try:
+                put(f"loader/{name}/{w}", bench_loader(args, paths, name, w))
+            except ImportError as e:
+                print(f"loader/{name}: skipped ({e})")
+                break
+    if "gil_load" not in args.skip:
+        for name in loaders:
+            alone = rates.get(f"loader/{name}/{args.workers}")
+            if not alone:
+                continue
+            per_batch = args.batch / alone * args.gil_load_frac
+            put(f"loader/{name}/gil_load", bench_loader(args, paths, name, args.workers,
+                                                        python_s=per_batch))
+    torch.set_num_threads(threads)
     if "train" not in args.skip:
         with FaceRecIndex.open(paths["rec"]) as index:
             num_classes = index.num_classes
@@ -446,12 +431,13 @@ def report(rates: Dict[str, float], n: int, counts: List[int]) -> None:
         print(f"\nffcv / seed at {n} workers = {ffcv / seed:.2f}x (target >= 3x)")
     if ffcv and ceiling:
         print(f"ffcv / best decode ceiling = {ffcv / ceiling:.0%} (target >= 80%)")
-    one = rates.get("loader/ffcv/1")
-    if one and ffcv and n > 1:
-        print(f"ffcv {n} workers / 1 worker = {ffcv / one:.2f}x")
-    gil = rates.get("loader/ffcv/gil_load")
-    if gil and ffcv:
-        print(f"gil_load costs ffcv {1 - gil / ffcv:.0%} (target <= 20%)")
+    for name in names:
+        one, top, gil = (rates.get(f"loader/{name}/{k}") for k in (1, n, "gil_load"))
+        if one and top and n > 1:
+            print(f"{name} {n} workers / 1 worker = {top / one:.2f}x")
+        if gil and top:
+            print(f"gil_load costs {name} {1 - gil / top:.0%}"
+                  + (" (target <= 20%)" if name == "ffcv" else ""))
     step = rates.get("train/step")
     for name in names:
         fed, alone = rates.get(f"train/fed_by_{name}"), rates.get(f"loader/{name}/{n}")

@@ -23,10 +23,11 @@ def test_throughput_bench_names(tmp_path):
     want = [f"decode/{d}/{m}/images_per_s" for d in ("simplejpeg", "pil")
             for m in ("threads", "processes")]
     want += [f"decode/simplejpeg/{m}/gil_load/images_per_s" for m in ("threads", "processes")]
-    want += [f"loader/{n}/{w}/images_per_s" for n in ("seed", "torch", "ffcv") for w in (1, 2)]
-    want += [f"loader/{n}/gil_load/images_per_s" for n in ("seed", "torch", "ffcv")]
+    want += [f"loader/{n}/{w}/images_per_s" for n in ("seed", "torch", "ffcv", "ffcv_threads")
+             for w in (1, 2)]
+    want += [f"loader/{n}/gil_load/images_per_s" for n in ("seed", "torch", "ffcv", "ffcv_threads")]
     want += ["train/step/images_per_s"]
-    want += [f"train/fed_by_{n}/images_per_s" for n in ("seed", "torch", "ffcv")]
+    want += [f"train/fed_by_{n}/images_per_s" for n in ("seed", "torch", "ffcv", "ffcv_threads")]
     assert sorted(got) == sorted(want)
     assert all(v > 0 for v in got.values())
     assert "ffcv / seed" in proc.stdout and "gil_load costs ffcv" in proc.stdout
