@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from unpg.fileio import atomic_write_text
 from unpg.negatives import hist_edges
@@ -71,8 +72,6 @@ class WindowMeter:
     def average_loss_over(self, group: Any, world_size: int) -> None:
         """Replace the window's loss sum by its mean over ranks (replicated FC mode, where
         each rank's loss is its local mean). A device collective at the logging cadence."""
-        import torch.distributed as dist
-
         if self._loss_sum is not None:
             dist.all_reduce(self._loss_sum, group=group)
             self._loss_sum = self._loss_sum / world_size
