@@ -91,6 +91,14 @@ class EpochPlan:
         sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
         return self.indices[sl], self.flips[sl]
 
+    def from_step(self, start: int) -> "EpochPlan":
+        """The rest of the plan after its first ``start`` batches (a mid-epoch resume)."""
+        if not 0 <= start <= self.steps:
+            raise ValueError(f"start step must be in [0, {self.steps}], got {start}")
+        cut = start * self.batch_size
+        return EpochPlan(self.indices[cut:], self.flips[cut:], self.steps - start,
+                         self.batch_size)
+
 
 def quasi_window_pages(samples_per_page: float, global_batch: int) -> int:
     """Pages per ``quasi_random`` window: at least 16, and enough for 4 global batches, so a batch
@@ -213,14 +221,36 @@ class BaseLoader:
         self.image_size = data.image_size
         self.mean, self.std = mean_std(data.normalize)
         self.epoch = 0
+        self.start_step = 0
         self.on_corrupt = opts.on_corrupt
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order (and flips) the next iteration yields."""
+        """Select the epoch whose order (and flips) the next iteration yields (from its start)."""
         epoch = operator.index(epoch)
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
+        self.start_step = 0
+
+    def set_start_step(self, step: int) -> None:
+        """Let the next iteration begin at batch ``step`` of the epoch: a resumed run seeks to
+        where it stopped without reading or decoding the batches it already consumed. Applies
+        to one iteration; the one after it starts at batch 0 again."""
+        step = operator.index(step)
+        if not 0 <= step <= len(self):
+            raise ValueError(f"start step must be in [0, {len(self)}] (batches per epoch), "
+                             f"got {step}")
+        self.start_step = step
+
+    def iteration_plan(self) -> EpochPlan:
+        """The plan the next iteration reads: this epoch's ``plan()`` from ``start_step`` on."""
+        start, self.start_step = self.start_step, 0
+        plan = self.plan()
+        return plan.from_step(start) if start else plan
+
+    def plan(self) -> EpochPlan:
+        """This rank's ``EpochPlan`` for the current epoch (backends that follow the plan)."""
+        raise NotImplementedError(f"{type(self).__name__} does not follow the shared plan")
 
     def __len__(self) -> int:
         return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)

@@ -179,8 +179,11 @@ class DaliLoader(BaseLoader):
                                      last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
         except RuntimeError as e:
             raise self._explain(e) from e
+        # DALI's reader cannot seek: a resumed epoch reads and drops its first start_step batches
+        # (the trainer only counts what it is given).
+        skip, self.start_step = self.start_step, 0
         try:
-            for _ in range(len(self)):
+            for step in range(len(self)):
                 try:
                     out = next(it)[0]
                 except StopIteration:
@@ -188,6 +191,8 @@ class DaliLoader(BaseLoader):
                                        f"ended before {len(self)} batches") from None
                 except RuntimeError as e:
                     raise self._explain(e) from e
+                if step < skip:
+                    continue
                 # The iterator refills the same output tensors at the next step: hand out copies.
                 images = out["images"].to(self.device, copy=True)
                 labels = out["labels"].view(-1).to(self.device, torch.int64, copy=True)

@@ -311,8 +311,6 @@ class Trainer:
             if hasattr(it, "close"):
                 it.close()  # stop prefetching when we leave early
 
-    _epoch_batches = epoch_batches  # the former private name (tests/train/test_logging.py)
-
     def _stop_reason(self, stop_at: int) -> str:
         # Per-step check; across ranks one host-side all-reduce of a CPU flag (no device sync).
         if self.signals.agreed(self.ctx):

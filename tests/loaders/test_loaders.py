@@ -255,3 +255,22 @@ def test_dali_mixed_on_cuda_matches_cpu(prepared):
     images = torch.cat([g[0].cpu() for g in got])
     assert torch.equal(torch.cat([g[1].cpu() for g in got]), cpu[1])
     assert np.abs(to_pixels(images) - to_pixels(cpu[0])).mean() <= 2.0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("name", ["torch", "ffcv"])
+def test_start_step_seeks_to_the_rest_of_the_epoch(name, workers, prepared):
+    """A resumed epoch: set_start_step(k) yields exactly batches k.. of the same epoch, once."""
+    loader = build_loader(cfg_for(name, prepared, workers=workers), 0, 1, "cpu")
+    loader.set_epoch(2)
+    full = list(loader)
+    loader.set_epoch(2)
+    loader.set_start_step(4)
+    rest = list(loader)
+    assert len(full) == 6 and len(rest) == 2
+    for (img, lab), (img_full, lab_full) in zip(rest, full[4:]):
+        assert torch.equal(lab, lab_full) and torch.equal(img, img_full)
+    assert len(list(loader)) == 6  # the next iteration starts at batch 0 again
+    with pytest.raises(ValueError, match="start step"):
+        loader.set_start_step(7)
+    loader.close()

@@ -136,7 +136,7 @@ def test_compiled_training_matches_eager(helpers, tmp_path):
         t = _trainer(helpers, tmp_path / flag, f"train.compile={flag}", "train.max_steps=2",
                      "unpg.enabled=true")
         out = []
-        for images, labels in t._epoch_batches():
+        for images, labels in t.epoch_batches():
             out.append(float(t.train_step(images, labels)["loss"]))
             if len(out) == 2:
                 break
