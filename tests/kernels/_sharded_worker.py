@@ -14,6 +14,7 @@ formulation: all B x C logits with the margin on the target column, the kept neg
 to every row, one cross-entropy.
 """
 # B: global batch, b: local batch, C: classes, N: kept negatives
+import gc
 import math
 import os
 
@@ -168,6 +169,12 @@ def run_worker(rank, world, init_file, in_path, out_path):
         tmp = f"{out_path}.tmp"
         torch.save(results, tmp)
         os.replace(tmp, out_path)
+        # Objects holding the group (autograd graphs, the classifier's gradient averager) go
+        # first, and no rank tears gloo down while a peer is still in a collective: either
+        # aborts a rank at exit now and then ("terminate called without an active exception").
+        del results
+        gc.collect()
+        dist.barrier(group)
     finally:
         dist.destroy_process_group()
 
