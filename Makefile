@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: install test test-fast lint clean gpu-wheels demo
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	# torch first: an open `torch` requirement alone would download a multi-GB CUDA build.
@@ -38,4 +38,4 @@ clean:
 # pytest: carry the .gpu_wheels folder with the device tool.
 gpu-wheels: $(VENV)/.installed
 	rm -rf .gpu_wheels
-	$(PY) -m pip download -q --only-binary=:all: -d .gpu_wheels pytest
+	$(PY) -m pip download -q --only-binary=:all: -d .gpu_wheels pytest simplejpeg
