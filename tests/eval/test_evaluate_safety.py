@@ -15,6 +15,8 @@ from unpg.config import Config
 from unpg.eval.bins import read_bin_pickle
 from unpg.models import build_backbone
 
+pytestmark = pytest.mark.slow  # real CLI subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = 20  # 10 genuine + 10 impostor pairs: FARs below 1/10 are not measurable
 

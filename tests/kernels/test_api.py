@@ -18,6 +18,7 @@ from unpg.kernels import (
 )
 
 
+@pytest.mark.slow
 def test_package_imports_without_triton_or_cuda():
     code = ("import sys, unpg.kernels as k; k.lse_and_target; "
             "assert 'triton' not in sys.modules, 'triton imported at package import'")

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benches as subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -35,6 +35,7 @@ def _reference(emb, weight, labels, scenario, sampled):
     return loss.detach(), emb.grad, weight.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,b", [(2, 4), (3, 3)])
 def test_gloo_ranks_match_single_process(tmp_path, world, b):
     emb, weight, labels = _data(world * b, seed=world)

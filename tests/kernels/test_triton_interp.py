@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the Triton interpreter in a subprocess: `make test-fast` leaves them out
+
 CASES = Path(__file__).with_name("_interp_cases.py")
 
 

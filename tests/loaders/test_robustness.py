@@ -15,6 +15,8 @@ import pytest
 from unpg.loaders import build_loader
 from unpg.loaders.decode import DecodeError, verify_jpeg
 
+pytestmark = pytest.mark.slow  # worker processes, signals: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 

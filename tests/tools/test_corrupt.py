@@ -13,6 +13,8 @@ from unpg.loaders.packed_format import PackedFile
 
 from unpg.recordio import FaceRecIndex, FaceRecWriter, IndexedRecordIO, IRHeader, pack, parse_idx
 
+pytestmark = pytest.mark.slow  # real CLI subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[2]
 CLASSES, PER_CLASS = 3, 3
 SCAN_KEY, HEADER_KEY = 2, 5  # key 2: damaged entropy data; key 5: damaged record header

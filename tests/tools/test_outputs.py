@@ -18,6 +18,8 @@ from unpg.fileio import MANIFEST
 from unpg.models import build_backbone
 from unpg.recordio import FaceRecWriter
 
+pytestmark = pytest.mark.slow  # real CLI subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_SYNTH = ["--identities", "2", "--images-per-identity", "2", "--val-identities", "2",
               "--val-pairs", "2", "--workers", "1"]

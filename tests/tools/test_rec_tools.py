@@ -263,6 +263,7 @@ def test_inspect_verify_lists_corrupt_keys(tmp_path, capsys):
 # CLIs
 
 
+@pytest.mark.slow
 def test_clis_help():
     code = ("import runpy, sys\n"
             "for m in ['rec2image', 'image2rec', 'inspect', 'weights']:\n"

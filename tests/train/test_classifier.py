@@ -188,6 +188,7 @@ def _spawn(tmp_path, world, inputs):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_and_state_reshards(tmp_path):
     emb, labels, weight = make_inputs(5)
     ref = {}

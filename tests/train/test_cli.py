@@ -92,6 +92,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tiny_rec, tmp_path, 
     assert resumed == full  # bit-identical losses, steps 1..k from before the signal
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [["-m", "unpg.train"], ["unpg/train.py"]])
 def test_help_works_for_both_entry_points(how):
     out = subprocess.run([sys.executable, *how, "--help"], cwd=REPO, capture_output=True,

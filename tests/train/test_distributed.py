@@ -15,6 +15,8 @@ import torch
 
 from unpg import checkpoint as ck
 
+pytestmark = pytest.mark.slow  # gloo process groups: `make test-fast` leaves them out
+
 # The global gradient norm is about 180 on the first two steps and 80 after: grad_clip=120
 # clips those two (checking the norm over DDP-reduced backbone gradients and per-rank FC
 # shards) and leaves the later steps unclipped (so a gradient scale error cannot hide).
