@@ -1,6 +1,5 @@
 """unpg.eval.metrics against straightforward loop implementations and sklearn."""
 import math
-import time
 
 import numpy as np
 import pytest
@@ -70,16 +69,6 @@ def test_kfold_normalises_inside_and_other_fold_counts():
     e1, e2, same = _pairs(np.random.default_rng(3), 301, noise=1.2)
     scaled = kfold_accuracy(e1 * 7.0, e2 * 0.1, same, n_folds=5)
     assert scaled == pytest.approx(insightface_kfold_reference(e1, e2, same, n_folds=5), abs=1e-12)
-
-
-def test_kfold_6000_pairs_is_fast():
-    e1, e2, same = _pairs(np.random.default_rng(4), 6000, dim=512)
-    best = math.inf
-    for _ in range(3):  # best of 3: the CI machine is shared
-        t0 = time.perf_counter()
-        kfold_accuracy(e1, e2, same)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.5
 
 
 def test_kfold_rejects_bad_input():
