@@ -37,26 +37,9 @@ def _reference(emb, weight, labels, scenario, sampled):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,b", [(2, 4), (3, 3)])
-def test_gloo_ranks_match_single_process(tmp_path, world, b):
+def test_gloo_ranks_match_single_process(tmp_path, world, b, gloo_ranks):
     emb, weight, labels = _data(world * b, seed=world)
-    in_path = tmp_path / "inputs.pt"
-    torch.save({"emb": emb, "weight": weight, "labels": labels}, in_path)
-    ctx = torch.multiprocessing.get_context("spawn")
-    procs = []
-    for rank in range(world):
-        init = dict(RANK=rank, WORLD=world, INIT_FILE=str(tmp_path / "store"),
-                    IN_PATH=str(in_path), OUT_PATH=str(tmp_path / f"rank{rank}.pt"))
-        procs.append(ctx.Process(target=runpy.run_path, args=(WORKER,),
-                                 kwargs=dict(init_globals=init, run_name="__main__")))
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    assert [p.exitcode for p in procs] == [0] * world, "a rank failed (see captured stderr)"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    ranks = gloo_ranks(WORKER, tmp_path, world, {"emb": emb, "weight": weight, "labels": labels})
 
     for name, scenario in LIB["SCENARIOS"].items():
         sampled = torch.cat([res[name]["sampled"] for res in ranks])

@@ -8,7 +8,6 @@ not importable in a spawned child), see ``run_rank`` at the bottom.
 """
 # B: global batch, b: local batch, C: classes, D: embedding dim
 import os
-import runpy
 
 import pytest
 import torch
@@ -169,27 +168,11 @@ def test_resolve_precision():
 
 
 # ----------------------------------------------------------------------------- gloo ranks
-def _spawn(tmp_path, world, inputs):
-    in_path = tmp_path / "inputs.pt"
-    torch.save(inputs, in_path)
-    ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=runpy.run_path, args=(__file__,), kwargs=dict(
-        init_globals=dict(RANK=r, WORLD=world, INIT_FILE=str(tmp_path / "store"),
-                          IN_PATH=str(in_path), OUT_PATH=str(tmp_path / f"rank{r}.pt")),
-        run_name="__main__")) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    assert [p.exitcode for p in procs] == [0] * world, "a rank failed (see captured stderr)"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_and_state_reshards(tmp_path):
+def test_two_ranks_equal_one_process_and_state_reshards(tmp_path, gloo_ranks):
     emb, labels, weight = make_inputs(5)
     ref = {}
     for mode in ("replicated", "sharded"):  # one process: both layouts give the same numbers
@@ -200,7 +183,7 @@ def test_two_ranks_equal_one_process_and_state_reshards(tmp_path):
     single = ref["replicated"]
     momentum = single["opt"].state[single["opt"].param_groups[1]["params"][0]]["momentum_buffer"]
     full_optim = single["state"].state_dict()
-    ranks = _spawn(tmp_path, RANKS, dict(emb=emb, labels=labels, weight=weight,
+    ranks = gloo_ranks(__file__, tmp_path, RANKS, dict(emb=emb, labels=labels, weight=weight,
                                          full_optim=full_optim))
     b = B // RANKS
     for mode in ("replicated", "sharded"):
