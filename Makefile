@@ -34,8 +34,8 @@ lint: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Wheels of pytest for bench/gpu_check.sh on a lent GPU machine, which has no network and no
-# pytest: carry the .gpu_wheels folder with the device tool.
+# Wheels of pytest and simplejpeg for bench/gpu_check.sh on a GPU host without network and without
+# pytest: bring the .gpu_wheels folder along with the checkout.
 gpu-wheels: $(VENV)/.installed
 	rm -rf .gpu_wheels
 	$(PY) -m pip download -q --only-binary=:all: -d .gpu_wheels pytest simplejpeg

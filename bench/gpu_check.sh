@@ -11,7 +11,7 @@
 #   train     bench/train_step.py iresnet100 b512 bf16 channels_last (+ backbone alone);
 #             then with --compile if enough of the budget is left
 #   loaders   bench/throughput.py on CUDA
-# Nothing is fetched from the network. pytest is not on the lent hosts: carry the wheels made
+# Nothing is fetched from the network. pytest may be missing on a GPU host: carry the wheels made
 # by `make gpu-wheels` (folder .gpu_wheels) and they are installed from there, offline.
 set -uo pipefail
 cd "$(dirname "$0")/.."

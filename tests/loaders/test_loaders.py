@@ -20,7 +20,7 @@ def _have_dali() -> bool:
         return False
 
 
-# DALI is a dependency on Linux x86-64, but the lent GPU machines run these tests without it.
+# DALI is a dependency on Linux x86-64, but GPU hosts without network may run these tests without it.
 needs_dali = pytest.mark.skipif(not _have_dali(), reason="needs nvidia-dali-cuda120")
 
 BACKENDS = ("torch", "ffcv", pytest.param("dali", marks=needs_dali))
