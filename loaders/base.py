@@ -242,15 +242,16 @@ class BaseLoader:
                              f"got {step}")
         self.start_step = step
 
-    def iteration_plan(self) -> EpochPlan:
-        """The plan the next iteration reads: this epoch's ``plan()`` from ``start_step`` on."""
+    def take_start_step(self) -> int:
+        """The batch the starting iteration begins at; later iterations start at 0 again."""
         start, self.start_step = self.start_step, 0
-        plan = self.plan()
-        return plan.from_step(start) if start else plan
+        return start
 
-    def plan(self) -> EpochPlan:
-        """This rank's ``EpochPlan`` for the current epoch (backends that follow the plan)."""
-        raise NotImplementedError(f"{type(self).__name__} does not follow the shared plan")
+    def rest_of_epoch(self, plan: EpochPlan) -> EpochPlan:
+        """``plan`` from ``start_step`` on: what the starting iteration of a backend that follows
+        the shared plan reads (the torch and packed loaders)."""
+        start = self.take_start_step()
+        return plan.from_step(start) if start else plan
 
     def __len__(self) -> int:
         return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)

@@ -181,7 +181,7 @@ class DaliLoader(BaseLoader):
             raise self._explain(e) from e
         # DALI's reader cannot seek: a resumed epoch reads and drops its first start_step batches
         # (the trainer only counts what it is given).
-        skip, self.start_step = self.start_step, 0
+        skip = self.take_start_step()
         try:
             for step in range(len(self)):
                 try:

@@ -208,7 +208,7 @@ class PackedLoader(BaseLoader):
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        plan = self.iteration_plan()  # from start_step on (a resumed epoch)
+        plan = self.rest_of_epoch(self.plan())  # from start_step on (a resumed epoch)
         steps = plan.steps
         if self._nvjpeg:
             for s in range(steps):

@@ -156,7 +156,7 @@ class TorchLoader(BaseLoader):
                           window_pages=window, train=self.train)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        plan = self.iteration_plan()  # from start_step on (a resumed epoch)
+        plan = self.rest_of_epoch(self.plan())  # from start_step on (a resumed epoch)
         # Read when the DataLoader iterator starts; flips are all False when not training.
         self._sampler.items = list(zip(plan.indices.tolist(), plan.flips.tolist()))
         for images, labels, skipped in self._dl:
