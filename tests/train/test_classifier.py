@@ -7,6 +7,7 @@ The gloo ranks run THIS file as ``__main__`` (``runpy.run_path``; a pytest-impor
 not importable in a spawned child), see ``run_rank`` at the bottom.
 """
 # B: global batch, b: local batch, C: classes, D: embedding dim
+import gc
 import os
 
 import pytest
@@ -222,32 +223,43 @@ def test_two_ranks_equal_one_process_and_state_reshards(tmp_path, gloo_ranks):
                                    rtol=1e-10, atol=1e-14)
 
 
+def rank_results(rank, world, data):
+    ctx = DistContext(rank, world, 0, torch.device("cpu"), dist.group.WORLD)
+    b = data["emb"].shape[0] // world
+    emb_b, labels_b = (t[rank * b:(rank + 1) * b] for t in (data["emb"], data["labels"]))
+    results = {}
+    for mode in ("replicated", "sharded"):
+        clf = build(mode, ctx=ctx)
+        clf.load_state_dict({"weight": data["weight"]})
+        out = one_step(clf, emb_b, labels_b)
+        fresh = build(mode, ctx=ctx)
+        opt, state = sgd(fresh)
+        state.load_state_dict(data["full_optim"])
+        results[mode] = dict(
+            loss=out["loss"], emb_grad=out["emb_grad"], w_grad=out["w_grad"], sq=out["sq"],
+            start=torch.tensor(clf.start), num_local=torch.tensor(clf.num_local),
+            loss_is_global=torch.tensor(clf.loss_is_global),
+            clf_state=clf.state_dict(), optim_state=out["state"].state_dict(),
+            loaded_momentum=opt.state[fresh.weight]["momentum_buffer"])
+    return results
+
+
 def run_rank(rank, world, init_file, in_path, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        data = torch.load(in_path, weights_only=True)
-        ctx = DistContext(rank, world, 0, torch.device("cpu"), dist.group.WORLD)
-        b = data["emb"].shape[0] // world
-        emb_b, labels_b = (t[rank * b:(rank + 1) * b] for t in (data["emb"], data["labels"]))
-        results = {}
-        for mode in ("replicated", "sharded"):
-            clf = build(mode, ctx=ctx)
-            clf.load_state_dict({"weight": data["weight"]})
-            out = one_step(clf, emb_b, labels_b)
-            fresh = build(mode, ctx=ctx)
-            opt, state = sgd(fresh)
-            state.load_state_dict(data["full_optim"])
-            results[mode] = dict(
-                loss=out["loss"], emb_grad=out["emb_grad"], w_grad=out["w_grad"], sq=out["sq"],
-                start=torch.tensor(clf.start), num_local=torch.tensor(clf.num_local),
-                loss_is_global=torch.tensor(clf.loss_is_global),
-                clf_state=clf.state_dict(), optim_state=out["state"].state_dict(),
-                loaded_momentum=opt.state[fresh.weight]["momentum_buffer"])
+        results = rank_results(rank, world, torch.load(in_path, weights_only=True))
         tmp = f"{out_path}.tmp"
         torch.save(results, tmp)
         os.replace(tmp, out_path)
+        # The classifiers (and their gradient averagers) holding the group are gone with
+        # rank_results' frame; collect any cycle, then no rank tears gloo down while a peer is
+        # still in a collective: either aborts a rank at exit now and then ("terminate called
+        # without an active exception").
+        del results
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
