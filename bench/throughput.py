@@ -55,6 +55,7 @@ from unpg.fileio import atomic_write_json
 from unpg.losses import margin_softmax_loss
 from unpg.models import build_backbone
 from unpg.recordio import FaceRecIndex
+from unpg.runtime import tune_cpu_allocator
 from unpg.tools.pack import pack_rec
 from unpg.tools.prepare_dali import prepare_dali
 
@@ -361,6 +362,8 @@ def main(argv: Optional[list] = None) -> Dict[str, float]:
     counts = [int(v) for v in args.scaling.split(",")] if args.scaling else \
         worker_counts(args.workers)
     torch.manual_seed(0)
+    if args.device == "cpu":
+        tune_cpu_allocator()  # as unpg.train does on a CPU device: no page faults per batch
     paths = ensure_data(args)
     print(f"data: {paths['rec']}; workers {counts}, batch {args.batch} (training {args.train_batch}),"
           f" decoder {args.decoder}, {args.device}, {os.cpu_count()} CPUs, load average "

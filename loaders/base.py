@@ -177,15 +177,31 @@ def to_device_normalized(batch_u8: torch.Tensor, flips_N: Optional[torch.Tensor]
         d = x.flip(3)
         x.add_(d.sub_(x).mul_(f))
     scale, shift = _affine(device, tuple(mean), tuple(std))
-    return x.to(torch.float32).mul_(scale).add_(shift)
+    y = x.to(torch.float32)
+    if device.type != "cpu":
+        return y.mul_(scale).add_(shift)
+    # CPU: one scalar multiply-add per channel plane. A [1, 3, 1, 1] broadcast runs the CPU's
+    # slow broadcast loop, 27 us/image at 128x3x112x112 against 8 us this way (one thread,
+    # bench/RESULTS.md); on 2 cores that is the share a decode worker loses to the training
+    # process. Same float32 operations, so the same bits as the broadcast.
+    for c, (a, b) in enumerate(zip(scale.view(-1).tolist(), shift.view(-1).tolist())):
+        y[:, c].mul_(a).add_(b)
+    return y
+
+
+def affine_f32(mean: Sequence[float], std: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """``(1/std, -mean/std)`` rounded once to float32 ``[3]``: ``pixel * scale + shift`` in float32
+    is the normalisation every path computes (the same bits on the CPU, in decode workers and on
+    the GPU)."""
+    scale = np.array([1.0 / s for s in std], np.float64).astype(np.float32)
+    shift = np.array([-m / s for m, s in zip(mean, std)], np.float64).astype(np.float32)
+    return scale, shift
 
 
 @functools.lru_cache(maxsize=16)
 def _affine(device: torch.device, mean: tuple, std: tuple) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(1/std, -mean/std) as [1, 3, 1, 1] tensors on ``device``, made once (no per-step copy)."""
-    scale = torch.tensor([1.0 / s for s in std], dtype=torch.float64)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float64)
-    return (scale.float().view(1, 3, 1, 1).to(device), shift.float().view(1, 3, 1, 1).to(device))
+    """``affine_f32`` as [1, 3, 1, 1] tensors on ``device``, made once (no per-step copy)."""
+    return tuple(torch.from_numpy(v).view(1, 3, 1, 1).to(device) for v in affine_f32(mean, std))
 
 
 def check_num_classes(cfg_num_classes: int, data_num_classes: int, source: str) -> None:

@@ -85,6 +85,12 @@ def test_normalisation_and_flip_against_direct_computation(normalize):
     before = nchw_in.clone()
     nchw = to_device_normalized(nchw_in, flips, mean, std, "cpu", layout="NCHW")
     assert torch.equal(nchw, out) and torch.equal(nchw_in, before)  # input left untouched
+    # The CPU's per-channel scalar multiply-add gives the bits of the [1, 3, 1, 1] float32
+    # broadcast that the GPU path runs.
+    mirrored = torch.where(flips.view(-1, 1, 1, 1), nchw_in.flip(3), nchw_in).float()
+    scale = torch.tensor([1 / s for s in std], dtype=torch.float64).float().view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float64).float()
+    assert torch.equal(nchw, mirrored.mul_(scale).add_(shift.view(1, 3, 1, 1)))
 
 
 @pytest.mark.gpu
