@@ -98,16 +98,18 @@ class PackedBatchFiller:
         u8 = (np.empty((NORM_CHUNK,) + images_b3HW.shape[1:], np.uint8)
               if self.scale is not None else None)
         b = len(indices)
+        # Per-batch vectorised lookups (the per-image numpy scalar reads cost ~2 us/image).
+        bufs, raw = self.file.samples(indices), (self.fmt[indices] == FMT_RAW).tolist()
+        labels_b[:] = self.labels[indices]
         for k, (i, f) in enumerate(zip(indices.tolist(), flips.tolist())):
             out = images_b3HW[k] if u8 is None else u8[k % NORM_CHUNK]
             try:
-                self.decode_at(i, out, f)
-                used = i
+                (decode_raw if raw[k] else self.decode_jpeg)(bufs[k], out, f)
             except CORRUPT:  # rare path: policy + replacement
                 used, sk = decode_or_replace(i, n, lambda j, o=out, f=f: self.decode_at(j, o, f),
                                              self.key_of, self.on_corrupt, self.source)
+                labels_b[k] = self.labels[used]
                 skipped += sk
-            labels_b[k] = self.labels[used]
             if u8 is not None and (k % NORM_CHUNK == NORM_CHUNK - 1 or k == b - 1):
                 lo = k - k % NORM_CHUNK
                 self._normalize(u8[:k + 1 - lo], images_b3HW[lo:k + 1])

@@ -23,7 +23,7 @@ import operator
 import os
 import zlib
 from pathlib import Path
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import numpy as np
 
@@ -246,6 +246,12 @@ class PackedFile:
     def sample(self, i: int) -> np.ndarray:
         row = self.meta[i]
         return np.frombuffer(self._mm, np.uint8, count=int(row["size"]), offset=int(row["data_ptr"]))
+
+    def samples(self, indices: np.ndarray) -> List[np.ndarray]:
+        """``sample(i)`` for each of ``indices``, with one vectorised lookup of their rows."""
+        rows, mm = self.meta[indices], self._mm
+        return [np.frombuffer(mm, np.uint8, count=size, offset=ptr)
+                for ptr, size in zip(rows["data_ptr"].tolist(), rows["size"].tolist())]
 
     def close(self) -> None:
         mm, self._mm = getattr(self, "_mm", None), None
