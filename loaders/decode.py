@@ -36,6 +36,7 @@ import torch
 
 DECODERS = ("cv2", "simplejpeg", "nvjpeg")
 Decoder = Callable[..., None]  # decode(buf, out_3HW, flip=False): flip mirrors left-right
+HwcDecoder = Callable[..., np.ndarray]  # decode_hwc(buf, (H, W), flip=False) -> uint8 [H, W, 3]
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _EOI_TAIL = 64  # EOI must lie this close to the end (some writers pad a few bytes after it)
 
@@ -103,10 +104,10 @@ def check_jpeg(buf) -> None:
                           f"bytes of {len(b)}")
 
 
-def _check_shape(img: Optional[np.ndarray], out_3HW: np.ndarray, what: str) -> np.ndarray:
+def _check_shape(img: Optional[np.ndarray], shape_hw: Sequence[int], what: str) -> np.ndarray:
     if img is None:
         raise DecodeError(f"{what} could not decode it")
-    want = (out_3HW.shape[1], out_3HW.shape[2], 3)
+    want = (shape_hw[0], shape_hw[1], 3)
     if img.shape != want:
         raise DecodeError(f"decoded to {'x'.join(map(str, img.shape))}, expected "
                           f"{'x'.join(map(str, want))} (images must be aligned crops of "
@@ -114,19 +115,16 @@ def _check_shape(img: Optional[np.ndarray], out_3HW: np.ndarray, what: str) -> n
     return img
 
 
-def _cv2_decoder() -> Decoder:
+def _cv2_hwc_decoder() -> Tuple[HwcDecoder, bool]:
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
+    flag = rgb_flag if rgb_flag is not None else cv2.IMREAD_COLOR
 
-    def decode(buf: np.ndarray, out_3HW: np.ndarray, flip: bool = False) -> None:
+    def decode_hwc(buf: np.ndarray, shape_hw: Tuple[int, int], flip: bool = False) -> np.ndarray:
         check_jpeg(buf)
-        if rgb_flag is not None:
-            img = _check_shape(cv2.imdecode(buf, rgb_flag), out_3HW, "cv2.imdecode")
-            cv2.split(cv2.flip(img, 1) if flip else img, [out_3HW[0], out_3HW[1], out_3HW[2]])
-        else:  # BGR: the split reverses the channels for free
-            img = _check_shape(cv2.imdecode(buf, cv2.IMREAD_COLOR), out_3HW, "cv2.imdecode")
-            cv2.split(cv2.flip(img, 1) if flip else img, [out_3HW[2], out_3HW[1], out_3HW[0]])
+        img = _check_shape(cv2.imdecode(buf, flag), shape_hw, "cv2.imdecode")
+        return cv2.flip(img, 1) if flip else img
 
-    return decode
+    return decode_hwc, rgb_flag is not None
 
 
 def _require_simplejpeg():
@@ -169,17 +167,17 @@ def _strict_decode(simplejpeg, buf: np.ndarray, hwc: np.ndarray) -> None:
         raise DecodeError(f"damaged JPEG data (libjpeg-turbo via simplejpeg): {e}") from None
 
 
-def _simplejpeg_decoder() -> Decoder:
+def _simplejpeg_hwc_decoder() -> Tuple[HwcDecoder, bool]:
     simplejpeg = _require_simplejpeg()
-    scratch = threading.local()  # one interleaved HWC buffer per decoding thread
+    scratch = threading.local()  # interleaved HWC buffers per decoding thread
 
-    def decode(buf: np.ndarray, out_3HW: np.ndarray, flip: bool = False) -> None:
+    def decode_hwc(buf: np.ndarray, shape_hw: Tuple[int, int], flip: bool = False) -> np.ndarray:
         check_jpeg(buf)
-        shape = (out_3HW.shape[1], out_3HW.shape[2], 3)
+        shape = (shape_hw[0], shape_hw[1], 3)
         try:
             h, w, _, _ = simplejpeg.decode_jpeg_header(buf)
             if (h, w, 3) != shape:
-                _check_shape(np.empty((h, w, 3), np.uint8), out_3HW, "simplejpeg")
+                _check_shape(np.empty((h, w, 3), np.uint8), shape_hw, "simplejpeg")
             hwc = getattr(scratch, "hwc", None)
             if hwc is None or hwc.shape != shape:
                 hwc = scratch.hwc = np.empty(shape, np.uint8)
@@ -188,14 +186,31 @@ def _simplejpeg_decoder() -> Decoder:
             if isinstance(e, DecodeError):
                 raise
             raise DecodeError(f"simplejpeg: {e}") from None
-        if flip:  # mirrored while still interleaved: one cheap pass before the split
+        if flip:  # mirrored while still interleaved: one cheap pass
             mirrored = getattr(scratch, "mirrored", None)
             if mirrored is None or mirrored.shape != shape:
                 mirrored = scratch.mirrored = np.empty(shape, np.uint8)
             hwc = cv2.flip(hwc, 1, dst=mirrored)
-        cv2.split(hwc, [out_3HW[0], out_3HW[1], out_3HW[2]])
+        return hwc
 
-    return decode
+    return decode_hwc, True
+
+
+def cpu_hwc_decoder(name: str) -> Tuple[HwcDecoder, bool]:
+    """``(decode_hwc, rgb)``: ``decode_hwc(buf, (H, W), flip=False)`` returns the interleaved
+    uint8 ``[H, W, 3]`` image (mirrored left-right where ``flip``), RGB when ``rgb`` else BGR (cv2
+    before OpenCV 4.10). The array may be a per-thread scratch buffer, valid until the thread's
+    next call. Same checks and errors as ``cpu_decoder``."""
+    _check_cpu_decoder_name(name)
+    return _cv2_hwc_decoder() if name == "cv2" else _simplejpeg_hwc_decoder()
+
+
+def _check_cpu_decoder_name(name: str) -> None:
+    if name == "nvjpeg":
+        raise ValueError("loader.decoder=nvjpeg decodes whole batches on the GPU; it is not a "
+                         "per-sample CPU decoder (use cv2 or simplejpeg here)")
+    if name not in ("cv2", "simplejpeg"):
+        raise ValueError(f"loader.decoder must be one of {DECODERS}, got {name!r}")
 
 
 def cpu_decoder(name: str) -> Decoder:
@@ -205,19 +220,20 @@ def cpu_decoder(name: str) -> Decoder:
     Output is planar RGB (CHW): the decoders' own output copy does the HWC -> CHW transpose
     (``cv2.split``, ~3 us/image) so the device step needs no layout change (a torch permute of a
     uint8 batch costs ~10 us/image on the CPU)."""
-    if name == "cv2":
-        return _cv2_decoder()
-    if name == "simplejpeg":
-        return _simplejpeg_decoder()
-    if name == "nvjpeg":
-        raise ValueError("loader.decoder=nvjpeg decodes whole batches on the GPU; it is not a "
-                         "per-sample CPU decoder (use cv2 or simplejpeg here)")
-    raise ValueError(f"loader.decoder must be one of {DECODERS}, got {name!r}")
+    decode_hwc, rgb = cpu_hwc_decoder(name)
+
+    def decode(buf: np.ndarray, out_3HW: np.ndarray, flip: bool = False) -> None:
+        img = decode_hwc(buf, out_3HW.shape[1:], flip)
+        # BGR: the split reverses the channels for free
+        cv2.split(img, [out_3HW[0], out_3HW[1], out_3HW[2]] if rgb else
+                  [out_3HW[2], out_3HW[1], out_3HW[0]])
+
+    return decode
 
 
 def strict_cpu_decoder() -> Decoder:
     """``decode(buf, out_3HW)`` applying ``verify_jpeg``'s strictness (the ``simplejpeg`` decoder)."""
-    return _simplejpeg_decoder()
+    return cpu_decoder("simplejpeg")
 
 
 def decode_raw(buf: np.ndarray, out_3HW: np.ndarray, flip: bool = False) -> None:

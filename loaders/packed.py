@@ -44,10 +44,13 @@ from .base import (
     quasi_window_pages,
     to_device_normalized,
 )
-from .corrupt import CORRUPT, CorruptLog, Skipped, decode_or_replace
-from .decode import cpu_decoder, decode_raw, nvjpeg_decode_batch, nvjpeg_decode_one, require_nvjpeg
+from .corrupt import CorruptLog, Skipped, decode_or_replace
+from .decode import decode_raw, nvjpeg_decode_batch, nvjpeg_decode_one, require_nvjpeg
+from .packed_fill import NORM_CHUNK, PackedBatchFiller
 from .packed_format import FMT_RAW, PackedFile
 from .workers import SharedRing, WorkerPool
+
+__all__ = ["LEASES", "NORM_CHUNK", "PackedBatchFiller", "PackedLoader"]
 
 # Batches a consumer may hold as zero-copy views of the ring on a CPU device: ``for x, y in
 # loader`` still holds batch s while it asks for s + 1, and one more is slack for a stray
@@ -55,74 +58,6 @@ from .workers import SharedRing, WorkerPool
 # A consumer keeping more (a list of batches) gets copies from then on, so the ring never runs
 # out of slots.
 LEASES = 3
-# Images normalised together by a worker: 8 float32 112x112 images (1.2 MB) stay in a 2 MB L2,
-# and numpy's per-call cost is paid once per 8 (measured: 8.6 against 9.8 us/image one by one).
-NORM_CHUNK = 8
-
-
-class PackedBatchFiller:
-    """``fill(indices, flips, images_b3HW, labels_b) -> skipped``: decode one batch of a packed
-    file into preallocated rows, mirrored where ``flips``, applying ``loader.on_corrupt`` (a
-    replacement sample takes the flip of the position it fills). Runs in a worker or inline.
-
-    With ``normalize=(scale_3, shift_3)`` (``base.affine_f32``) the rows are float32: images are
-    normalised right after their decode, while still in the core's cache (~9 us/image on the
-    2-core box; the same work over a whole 19 MB batch in the training process took 8 us/image
-    alone and 16 under contention, and that process is what the workers compete with)."""
-
-    def __init__(self, file: PackedFile, decoder: str, on_corrupt: str,
-                 normalize: Optional[Tuple[np.ndarray, np.ndarray]] = None):
-        self.file, self.on_corrupt, self.source = file, on_corrupt, str(file.path)
-        self.decode_jpeg = cpu_decoder(decoder)
-        meta = file.meta
-        self.fmt, self.labels, self.keys = meta["fmt"], meta["label"], meta["key"]
-        self.scale, self.shift = ((v.reshape(3, 1, 1) for v in normalize) if normalize is not None
-                                  else (None, None))
-
-    def key_of(self, j: int) -> int:
-        return int(self.keys[j])
-
-    def decode_at(self, j: int, out_3HW: np.ndarray, flip: bool = False) -> None:
-        buf = self.file.sample(j)
-        if self.fmt[j] == FMT_RAW:
-            decode_raw(buf, out_3HW, flip)
-        else:
-            self.decode_jpeg(buf, out_3HW, flip)
-
-    def __call__(self, indices: np.ndarray, flips: np.ndarray, images_b3HW: np.ndarray,
-                 labels_b: np.ndarray) -> List[Skipped]:
-        skipped: List[Skipped] = []
-        n = self.file.num_samples
-        # Float rows: decode NORM_CHUNK images into a uint8 scratch (one per call: thread-safe),
-        # then normalise them together while they are still in the core's L2.
-        u8 = (np.empty((NORM_CHUNK,) + images_b3HW.shape[1:], np.uint8)
-              if self.scale is not None else None)
-        b = len(indices)
-        # Per-batch vectorised lookups (the per-image numpy scalar reads cost ~2 us/image).
-        bufs, raw = self.file.samples(indices), (self.fmt[indices] == FMT_RAW).tolist()
-        labels_b[:] = self.labels[indices]
-        for k, (i, f) in enumerate(zip(indices.tolist(), flips.tolist())):
-            out = images_b3HW[k] if u8 is None else u8[k % NORM_CHUNK]
-            try:
-                (decode_raw if raw[k] else self.decode_jpeg)(bufs[k], out, f)
-            except CORRUPT:  # rare path: policy + replacement
-                used, sk = decode_or_replace(i, n, lambda j, o=out, f=f: self.decode_at(j, o, f),
-                                             self.key_of, self.on_corrupt, self.source)
-                labels_b[k] = self.labels[used]
-                skipped += sk
-            if u8 is not None and (k % NORM_CHUNK == NORM_CHUNK - 1 or k == b - 1):
-                lo = k - k % NORM_CHUNK
-                self._normalize(u8[:k + 1 - lo], images_b3HW[lo:k + 1])
-        return skipped
-
-    def _normalize(self, u8_n3HW: np.ndarray, out_n3HW: np.ndarray) -> None:
-        # float32 pixel * scale + shift, the bits of base.to_device_normalized. Cast first, then
-        # in place: numpy runs a mixed uint8 * float32 multiply through a casting buffer.
-        np.copyto(out_n3HW, u8_n3HW)
-        np.multiply(out_n3HW, self.scale, out=out_n3HW)
-        np.add(out_n3HW, self.shift, out=out_n3HW)
-
-
 class PackedLoader(BaseLoader):
     """``(images float32 [b, 3, H, W], labels int64 [b])`` on ``device`` from a packed file."""
 

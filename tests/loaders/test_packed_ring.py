@@ -1,6 +1,7 @@
-"""The FFCV-style loader on a CPU device: decode workers normalise into a float32 shared ring
-and batches are handed out as zero-copy leases of its slots. A slot must never be rewritten
-while any tensor still views it, and the ring must never run dry, whatever the consumer keeps."""
+"""The FFCV-style loader on a CPU device: decode workers normalise (numpy, or one compiled pass
+with numba) into a float32 shared ring and batches are handed out as zero-copy leases of its
+slots. A slot must never be rewritten while any tensor still views it, and the ring must never
+run dry, whatever the consumer keeps."""
 import gc
 
 import numpy as np
@@ -8,11 +9,13 @@ import pytest
 import torch
 from unpg.loaders import build_loader
 from unpg.loaders.base import affine_f32, to_device_normalized
+from unpg.loaders.fused_normalize import fused_normalizer, hwc_to_planar_normalized
 from unpg.loaders.packed import LEASES, PackedBatchFiller
 from unpg.loaders.packed_format import PackedFile
 from unpg.loaders.workers import SharedRing
 
 from unpg.config import NORMALIZE_MEAN_STD
+from unpg.tools.pack import pack_rec
 
 
 def _loader(prepared, cfg_factory, **kw):
@@ -20,10 +23,27 @@ def _loader(prepared, cfg_factory, **kw):
     return build_loader(cfg, 0, 1, "cpu", train=True)
 
 
+@pytest.fixture(scope="module")
+def raw_pack(tiny_rec, tmp_path_factory):
+    out = tmp_path_factory.mktemp("raw") / "tiny_raw.unpgpack"
+    pack_rec(tiny_rec, out, raw=True, progress=False)
+    return out
+
+
+FILLERS = ["numpy", pytest.param("compiled", marks=pytest.mark.skipif(
+    fused_normalizer() is None, reason="numba not installed"))]
+
+
+@pytest.mark.parametrize("path", FILLERS)
+@pytest.mark.parametrize("decoder", ["simplejpeg", "cv2"])
 @pytest.mark.parametrize("normalize", ["insightface", "imagenet"])
-def test_filler_normalises_to_the_bits_of_the_device_path(prepared, normalize):
+@pytest.mark.parametrize("pack", ["jpeg", "raw"])
+def test_filler_normalises_to_the_bits_of_the_device_path(prepared, raw_pack, pack, normalize,
+                                                          decoder, path):
+    """The workers' float rows (numpy or compiled) equal the uint8 rows normalised by
+    ``to_device_normalized``, the GPU's path, bit for bit."""
     mean, std = NORMALIZE_MEAN_STD[normalize]
-    file = PackedFile(prepared["ffcv"])
+    file = PackedFile(prepared["ffcv"] if pack == "jpeg" else raw_pack)
     try:
         rng = np.random.default_rng(0)
         idx = rng.permutation(file.num_samples)[:11]  # not a multiple of the 8-image chunks
@@ -31,15 +51,36 @@ def test_filler_normalises_to_the_bits_of_the_device_path(prepared, normalize):
         u8 = np.empty((11, 3, 112, 112), np.uint8)
         f32 = np.empty((11, 3, 112, 112), np.float32)
         lab_u8, lab_f32 = np.empty(11, np.int64), np.empty(11, np.int64)
-        PackedBatchFiller(file, "simplejpeg", "error")(idx, flips, u8, lab_u8)
-        PackedBatchFiller(file, "simplejpeg", "error", affine_f32(mean, std))(
-            idx, flips, f32, lab_f32)
+        PackedBatchFiller(file, decoder, "error")(idx, flips, u8, lab_u8)
+        filler = PackedBatchFiller(file, decoder, "error", affine_f32(mean, std),
+                                   fused=path == "compiled")
+        assert (filler.fused is not None) == (path == "compiled")
+        filler(idx, flips, f32, lab_f32)
         labels = np.asarray(file.meta["label"])[idx]
     finally:
         file.close()
     want = to_device_normalized(torch.from_numpy(u8), None, mean, std, "cpu")
     assert torch.equal(torch.from_numpy(f32), want)
     assert np.array_equal(lab_u8, lab_f32) and np.array_equal(lab_f32, labels)
+
+
+def test_compiled_kernel_is_the_python_loop_and_the_formula():
+    """The kernel's plain-Python source, run as Python, against numpy's float32 formula; then
+    the numba build of it against the same numbers (odd sizes, both normalisations)."""
+    rng = np.random.default_rng(1)
+    hwc = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    for normalize in ("insightface", "imagenet"):
+        scale, shift = affine_f32(*NORMALIZE_MEAN_STD[normalize])
+        want = hwc.transpose(2, 0, 1).astype(np.float32) * scale[:, None, None]
+        want = want + shift[:, None, None]
+        out = np.full((3, 5, 7), np.nan, np.float32)
+        hwc_to_planar_normalized(hwc.reshape(-1), out.reshape(-1), 35, scale, shift)
+        assert np.array_equal(out, want)
+        compiled = fused_normalizer()
+        if compiled is not None:
+            out[:] = np.nan
+            compiled(hwc, out, scale, shift)
+            assert np.array_equal(out, want)
 
 
 def test_ring_lease_comes_back_when_the_last_view_is_gone():
