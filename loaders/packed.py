@@ -126,8 +126,12 @@ class PackedLoader(BaseLoader):
 
     def _decode_inline(self, plan, step: int) -> int:
         slot = self._acquire()  # never None: at most LEASES are held, the rest are free
-        self.corrupt.record(self.fill(*plan.batch(step), self._ring.np_images[slot],
-                                      self._ring.np_labels[slot]))
+        try:
+            self.corrupt.record(self.fill(*plan.batch(step), self._ring.np_images[slot],
+                                          self._ring.np_labels[slot]))
+        except BaseException:  # a corrupt sample under on_corrupt=error: the slot stays usable
+            self._ring.release(slot)
+            raise
         return slot
 
     # ------------------------------------------------------------------ device side

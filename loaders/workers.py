@@ -117,6 +117,11 @@ class SharedRing:
         return images
 
     @property
+    def free(self) -> int:
+        """How many slots are free now."""
+        return len(self._free)
+
+    @property
     def leased(self) -> int:
         """How many slots a consumer still holds."""
         return len(self._leased)

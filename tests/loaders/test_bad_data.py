@@ -121,6 +121,20 @@ def test_error_names_file_and_key(name, workers, bad_data, cfg_factory):
     assert (str(data["rec"] / "train.rec") if name == "torch" else str(data["ffcv"])) in msg
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_packed_loader_keeps_working_after_corrupt_errors(workers, bad_data, cfg_factory):
+    """A caller that catches the error and iterates again, more often than the ring has slots,
+    gets the same error each time: no ring slot is lost to a failed batch."""
+    data = bad_data["truncated"]
+    loader = loader_for("ffcv", data, cfg_factory, on_corrupt="error", workers=workers)
+    slots = loader._ring.shape[0]
+    for _ in range(slots + 2):
+        with pytest.raises(CorruptSampleError, match=f"record key {BAD_KEY}"):
+            list(loader)
+        assert loader._ring.free == slots
+    loader.close()
+
+
 @pytest.mark.parametrize("name", ["torch", "ffcv"])
 def test_scan_damage_counts_as_corrupt_with_the_default_decoder(name, bad_data, cfg_factory):
     jpeg = bad_data["damaged_scan"]["written"][BAD_INDEX][1]
