@@ -39,26 +39,34 @@ def hwc_to_planar_normalized(src_n, out_n, plane, scale_3, shift_3):
 
 def fused_normalizer() -> Optional[Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]]:
     """``normalize(hwc uint8 [H, W, 3], out float32 [3, H, W], scale_3, shift_3)`` compiled with
-    numba (``nogil``), or None when numba is not installed. ``out`` must be C-contiguous."""
+    numba (``nogil``), or None when numba is not installed or cannot compile it here (logged)."""
     if "kernel" not in _COMPILED:
-        try:
-            import numba
-        except ImportError:
-            _COMPILED["kernel"] = None
-            return None
-        # No fastmath: it would let LLVM fuse the multiply and the add (different rounding).
-        try:
-            kernel = numba.njit(nogil=True, cache=True, boundscheck=False)(
-                hwc_to_planar_normalized)
-        except RuntimeError:  # no writable cache location: compile in memory each run
-            kernel = numba.njit(nogil=True, boundscheck=False)(hwc_to_planar_normalized)
-
-        def normalize(hwc: np.ndarray, out: np.ndarray, scale_3: np.ndarray,
-                      shift_3: np.ndarray) -> None:
-            kernel(hwc.reshape(-1), out.reshape(-1), out.shape[1] * out.shape[2], scale_3, shift_3)
-
-        probe = np.zeros((2, 2, 3), np.uint8)  # compile now, not in the first batch
-        normalize(probe, np.empty((3, 2, 2), np.float32), np.ones(3, np.float32),
-                  np.zeros(3, np.float32))
-        _COMPILED["kernel"] = normalize
+        _COMPILED["kernel"] = _compile()
     return _COMPILED["kernel"]
+
+
+def _compile():
+    try:
+        import numba
+    except ImportError:
+        return None
+    # No fastmath: it would let LLVM fuse the multiply and the add (different rounding).
+    try:
+        kernel = numba.njit(nogil=True, cache=True, boundscheck=False)(hwc_to_planar_normalized)
+    except RuntimeError:  # no writable cache location: compile in memory each run
+        kernel = numba.njit(nogil=True, boundscheck=False)(hwc_to_planar_normalized)
+
+    def normalize(hwc: np.ndarray, out: np.ndarray, scale_3: np.ndarray,
+                  shift_3: np.ndarray) -> None:
+        if not out.flags.c_contiguous:  # reshape would copy: the result would be lost
+            raise ValueError(f"the normalised row must be C-contiguous, got strides {out.strides}")
+        kernel(hwc.reshape(-1), out.reshape(-1), out.shape[1] * out.shape[2], scale_3, shift_3)
+
+    try:  # compile now, not in the first batch
+        normalize(np.zeros((2, 2, 3), np.uint8), np.empty((3, 2, 2), np.float32),
+                  np.ones(3, np.float32), np.zeros(3, np.float32))
+    except Exception as e:  # a numba/LLVM that cannot build it: the numpy path still works
+        log.warning("numba could not compile the loader's normalisation (%s: %s); using numpy",
+                    type(e).__name__, e)
+        return None
+    return normalize

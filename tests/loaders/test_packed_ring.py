@@ -81,6 +81,9 @@ def test_compiled_kernel_is_the_python_loop_and_the_formula():
             out[:] = np.nan
             compiled(hwc, out, scale, shift)
             assert np.array_equal(out, want)
+            wide = np.zeros((3, 5, 14), np.float32)
+            with pytest.raises(ValueError, match="C-contiguous"):  # would write into a copy
+                compiled(hwc, wide[:, :, ::2], scale, shift)
 
 
 def test_ring_lease_comes_back_when_the_last_view_is_gone():
