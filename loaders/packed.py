@@ -59,6 +59,8 @@ __all__ = ["LEASES", "NORM_CHUNK", "PackedBatchFiller", "PackedLoader"]
 # A consumer keeping more (a list of batches) gets copies from then on, so the ring never runs
 # out of slots.
 LEASES = 3
+
+
 class PackedLoader(BaseLoader):
     """``(images float32 [b, 3, H, W], labels int64 [b])`` on ``device`` from a packed file."""
 

@@ -50,19 +50,12 @@ class PackedBatchFiller:
     def key_of(self, j: int) -> int:
         return int(self.keys[j])
 
-    def decode_at(self, j: int, out_3HW: np.ndarray, flip: bool = False) -> None:
-        """Sample ``j`` as uint8 planes."""
-        buf = self.file.sample(j)
-        if self.fmt[j] == FMT_RAW:
-            decode_raw(buf, out_3HW, flip)
-        else:
-            self.decode_jpeg(buf, out_3HW, flip)
-
-    def decode_normalized_at(self, j: int, row_3HW: np.ndarray, flip: bool = False) -> None:
-        """Sample ``j`` normalised into a float32 row (the compiled path)."""
-        self._decode_row(self.file.sample(j), self.fmt[j] == FMT_RAW, row_3HW, flip)
+    def _decode_planes(self, buf: np.ndarray, raw: bool, out_3HW: np.ndarray, flip: bool) -> None:
+        """One sample as uint8 planes."""
+        (decode_raw if raw else self.decode_jpeg)(buf, out_3HW, flip)
 
     def _decode_row(self, buf: np.ndarray, raw: bool, row_3HW: np.ndarray, flip: bool) -> None:
+        """One sample normalised into a float32 row (the compiled path)."""
         if raw:  # stored pixels (pack --raw): planes already, numpy normalises
             u8 = np.empty(row_3HW.shape, np.uint8)
             decode_raw(buf, u8, flip)
@@ -78,30 +71,21 @@ class PackedBatchFiller:
         # Per-batch vectorised lookups (the per-image numpy scalar reads cost ~2 us/image).
         bufs, raw = self.file.samples(indices), (self.fmt[indices] == FMT_RAW).tolist()
         labels_b[:] = self.labels[indices]
-        if self.fused is not None:
-            for k, (i, f) in enumerate(zip(indices.tolist(), flips.tolist())):
-                row = images_b3HW[k]
-                try:
-                    self._decode_row(bufs[k], raw[k], row, f)
-                except CORRUPT:  # rare path: policy + replacement
-                    used, sk = decode_or_replace(
-                        i, n, lambda j, o=row, f=f: self.decode_normalized_at(j, o, f),
-                        self.key_of, self.on_corrupt, self.source)
-                    labels_b[k] = self.labels[used]
-                    skipped += sk
-            return skipped
-        # uint8 rows, or numpy normalisation: decode NORM_CHUNK images into a uint8 scratch (one
-        # per call: thread-safe), then normalise them together while they are still in L2.
+        decode = self._decode_row if self.fused is not None else self._decode_planes
+        # numpy normalisation: decode NORM_CHUNK images into a uint8 scratch (one per call:
+        # thread-safe), then normalise them together while they are still in L2.
         u8 = (np.empty((NORM_CHUNK,) + images_b3HW.shape[1:], np.uint8)
-              if self.scale_3 is not None else None)
+              if self.scale_3 is not None and self.fused is None else None)
         b = len(indices)
         for k, (i, f) in enumerate(zip(indices.tolist(), flips.tolist())):
             out = images_b3HW[k] if u8 is None else u8[k % NORM_CHUNK]
             try:
-                (decode_raw if raw[k] else self.decode_jpeg)(bufs[k], out, f)
+                decode(bufs[k], raw[k], out, f)
             except CORRUPT:  # rare path: policy + replacement
-                used, sk = decode_or_replace(i, n, lambda j, o=out, f=f: self.decode_at(j, o, f),
-                                             self.key_of, self.on_corrupt, self.source)
+                used, sk = decode_or_replace(
+                    i, n, lambda j, o=out, f=f: decode(self.file.sample(j), self.fmt[j] == FMT_RAW,
+                                                       o, f),
+                    self.key_of, self.on_corrupt, self.source)
                 labels_b[k] = self.labels[used]
                 skipped += sk
             if u8 is not None and (k % NORM_CHUNK == NORM_CHUNK - 1 or k == b - 1):

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 from unpg.loaders import CorruptSampleError, build_loader
+from unpg.loaders.base import affine_f32, to_device_normalized
+from unpg.loaders.packed import PackedBatchFiller
+from unpg.loaders.packed_format import PackedFile
 
+from unpg.config import NORMALIZE_MEAN_STD
 from unpg.recordio import parse_idx
 from unpg.tools.pack import pack_rec
 from unpg.tools.prepare_dali import prepare_dali
@@ -119,6 +123,27 @@ def test_error_names_file_and_key(name, workers, bad_data, cfg_factory):
     msg = str(err.value)
     assert f"record key {BAD_KEY}" in msg and "truncated" in msg
     assert (str(data["rec"] / "train.rec") if name == "torch" else str(data["ffcv"])) in msg
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_normalising_fillers_replace_corrupt_samples_like_the_uint8_one(fused, bad_data):
+    """The CPU device's float fillers (numpy, compiled) replace the corrupt sample exactly as the
+    uint8 filler does, and normalise it to the same bits."""
+    file = PackedFile(bad_data["truncated"]["ffcv"])
+    try:
+        idx, flips = np.arange(16), np.arange(16) % 2 == 1
+        u8, f32 = np.empty((16, 3, 112, 112), np.uint8), np.empty((16, 3, 112, 112), np.float32)
+        lab_u8, lab_f32 = np.empty(16, np.int64), np.empty(16, np.int64)
+        want_skips = PackedBatchFiller(file, "simplejpeg", "skip")(idx, flips, u8, lab_u8)
+        mean, std = NORMALIZE_MEAN_STD["insightface"]
+        got_skips = PackedBatchFiller(file, "simplejpeg", "skip", affine_f32(mean, std),
+                                      fused=fused)(idx, flips, f32, lab_f32)
+    finally:
+        file.close()
+    assert [s.key for s in got_skips] == [s.key for s in want_skips] == [BAD_KEY]
+    assert np.array_equal(lab_f32, lab_u8) and lab_f32[BAD_INDEX] == BAD[0] + 1
+    want = to_device_normalized(torch.from_numpy(u8), None, mean, std, "cpu")
+    assert torch.equal(torch.from_numpy(f32), want)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
