@@ -81,18 +81,28 @@ def _dot(a, b, acc, TILE: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _xw_tiles(X, W, rows, cols64, row_ok, col_ok, d0, D, stride_xb, stride_wc,
+              BLOCK_D: tl.constexpr):
+    """The embedding tile ``X[rows, d0:d0+BLOCK_D]`` and weight tile ``W[cols, d0:d0+BLOCK_D]``
+    as stored (0 outside the rows, classes and D)."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    x = tl.load(X + rows[:, None] * stride_xb + dd[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    w = tl.load(W + cols64[:, None] * stride_wc + dd[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    return x, w
+
+
+@triton.jit
 def _products(X, W, rows, cols64, row_ok, col_ok, D, stride_xb, stride_wc,
               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
               TILE: tl.constexpr, INTERP: tl.constexpr):
     """``r = X[rows] . W[cols]^T`` (raw weight) in fp32, looping over D."""
     acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        x = tl.load(X + rows[:, None] * stride_xb + dd[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(W + cols64[:, None] * stride_wc + dd[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        x, w = _xw_tiles(X, W, rows, cols64, row_ok, col_ok, d0, D, stride_xb, stride_wc,
+                         BLOCK_D)
         acc = _dot(_tile(x, TILE, INTERP), tl.trans(_tile(w, TILE, INTERP)), acc, TILE, INTERP)
     return acc
 
@@ -127,12 +137,8 @@ def fwd_kernel(X, W, INV, LAB, M_OUT, L_OUT, B, C, D, class_start, scale, tiles_
         r = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
         sumsq = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            x = tl.load(X + rows[:, None] * stride_xb + dd[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(W + cols64[:, None] * stride_wc + dd[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            x, w = _xw_tiles(X, W, rows, cols64, row_ok, col_ok, d0, D, stride_xb, stride_wc,
+                             BLOCK_D)
             w32 = w.to(tl.float32)
             sumsq += tl.sum(w32 * w32, 1)
             r = _dot(_tile(x, TILE, INTERP), tl.trans(_tile(w, TILE, INTERP)), r, TILE, INTERP)

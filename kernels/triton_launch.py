@@ -62,24 +62,20 @@ def candidate_plans(kind: str, half: bool) -> Tuple[Plan, ...]:
                 Plan(128, 64, 32, num_warps=8, num_stages=3),
                 Plan(64, 128, 32, num_warps=4, num_stages=3))
     # Half tiles: a [64, 512] bf16 operand is 64 KB of shared memory, a 64 x 512 fp32
-    # accumulator 128 registers per thread at 8 warps.
-    if kind == "dx":  # accumulator rows: block_b
-        if half:
-            return (Plan(64, 64, 64, block_do=256, num_warps=8, num_stages=2),
-                    Plan(64, 64, 64, block_do=512, num_warps=8, num_stages=2),
-                    Plan(32, 64, 64, block_do=512, num_warps=4, num_stages=2),
-                    Plan(128, 64, 64, block_do=256, num_warps=8, num_stages=2))
-        return (Plan(64, 64, 32, block_do=128, num_warps=4, num_stages=2),
-                Plan(64, 64, 32, block_do=256, num_warps=8, num_stages=2),
-                Plan(32, 64, 32, block_do=512, num_warps=8, num_stages=2))
-    if half:  # dw, accumulator rows: block_c
-        return (Plan(64, 64, 64, block_do=256, num_warps=8, num_stages=2),
-                Plan(64, 64, 64, block_do=512, num_warps=8, num_stages=2),
-                Plan(64, 32, 64, block_do=512, num_warps=4, num_stages=2),
-                Plan(64, 128, 64, block_do=256, num_warps=8, num_stages=2))
-    return (Plan(64, 64, 32, block_do=128, num_warps=4, num_stages=2),
-            Plan(64, 64, 32, block_do=256, num_warps=8, num_stages=2),
-            Plan(64, 32, 32, block_do=512, num_warps=8, num_stages=2))
+    # accumulator 128 registers per thread at 8 warps. Written for dX, whose accumulator rows
+    # are block_b; dW's are block_c, so its candidates are the same with the two swapped.
+    if half:
+        dx = (Plan(64, 64, 64, block_do=256, num_warps=8, num_stages=2),
+              Plan(64, 64, 64, block_do=512, num_warps=8, num_stages=2),
+              Plan(32, 64, 64, block_do=512, num_warps=4, num_stages=2),
+              Plan(128, 64, 64, block_do=256, num_warps=8, num_stages=2))
+    else:
+        dx = (Plan(64, 64, 32, block_do=128, num_warps=4, num_stages=2),
+              Plan(64, 64, 32, block_do=256, num_warps=8, num_stages=2),
+              Plan(32, 64, 32, block_do=512, num_warps=8, num_stages=2))
+    if kind == "dx":
+        return dx
+    return tuple(replace(p, block_b=p.block_c, block_c=p.block_b) for p in dx)
 
 
 def interpreter_plan(kind: str) -> Plan:
