@@ -93,6 +93,14 @@ def _alive(pid):
         return False
 
 
+def _still_alive_after(pids, seconds):
+    """The ``pids`` still alive once they are all gone or ``seconds`` have passed."""
+    deadline = time.time() + seconds
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
 # A "trainer": its own process group (as under torchrun/SLURM), a SIGTERM handler that finishes the
 # epoch and exits 0, like the real trainer saving a checkpoint.
 SCRIPT = textwrap.dedent("""
@@ -140,10 +148,7 @@ def test_group_sigterm_reaches_the_trainer_not_the_workers(name, prepared):
         p.kill()
     assert p.returncode == 0
     assert out.split() == ["batches", str(96 // 8), "sigterm", "1"]
-    deadline = time.time() + 10
-    while any(_alive(w) for w in workers) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(w) for w in workers)  # the normal exit took them down
+    assert not _still_alive_after(workers, 10)  # the normal exit took them down
 
 
 @linux_only
@@ -156,10 +161,7 @@ def test_workers_exit_when_the_training_process_is_killed(name, prepared):
     finally:
         p.kill()
     assert p.returncode == -signal.SIGKILL
-    deadline = time.time() + 15  # ffcv workers check every second, torch's every 5 s
-    while any(_alive(w) for w in workers) and time.time() < deadline:
-        time.sleep(0.2)
-    leftover = [w for w in workers if _alive(w)]
+    leftover = _still_alive_after(workers, 15)  # ffcv workers check every second, torch's 5 s
     for w in leftover:
         os.kill(w, signal.SIGKILL)
     assert not leftover
